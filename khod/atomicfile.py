@@ -1,0 +1,86 @@
+"""Replace a file so that readers, and a crash, see the old or the new version, never a mix.
+
+The new content goes to a uniquely named temporary file in the same directory
+(``os.replace`` is only atomic within one filesystem), is fsynced, renamed
+over the final name, and the directory is fsynced so that the rename itself
+survives a power loss. A crash at any point leaves the old file or the new
+one under the final name; at worst a stray ``.<name>.*.tmp`` stays behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from khod.errors import StoreError
+
+__all__ = ["atomic_write", "atomic_write_json", "fsync_directory"]
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Durably replace ``path`` with ``data``, with permissions exactly ``mode``.
+
+    Raises StoreError (naming ``path``) if any step fails; the temporary file
+    is removed and whatever was under ``path`` before is left untouched,
+    unless the failure is the final directory fsync, when the new content is
+    in place but its durability is unknown.
+    """
+    path = Path(path)
+    directory = path.parent
+    tmp: str | None = None
+    try:
+        # mkstemp opens with O_CREAT | O_EXCL: a concurrent writer or a stale
+        # temp file can never be shared with this one.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        try:
+            # fchmod rather than relying on the umask: the caller asked for a mode.
+            os.fchmod(fd, mode)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            # close() can report a deferred write error (NFS): it counts.
+            os.close(fd)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise StoreError(f"cannot write {path} atomically: {exc}") from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    fsync_directory(directory)
+
+
+def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o644) -> None:
+    """Durably replace ``path`` with ``obj`` as JSON (sorted keys, indent 2, final newline)."""
+    try:
+        # allow_nan=False: NaN and Infinity are not JSON, and other languages
+        # read these files (manifests).
+        text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"cannot write {path}: value is not JSON-serializable: {exc}") from exc
+    atomic_write(path, text.encode("utf-8"), mode=mode)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    # os.write may write less than asked (signals, pipes, some filesystems).
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the names created, renamed or removed in ``directory`` survive a power loss."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StoreError(f"cannot fsync directory {directory}: {exc}") from exc

@@ -1,0 +1,158 @@
+"""A private mosquitto for the demo and the test suite.
+
+It listens on a Unix socket (no port to collide with) or on a free loopback
+TCP port, keeps nothing on disk, and sets ``max_queued_messages`` high: the
+default of 1000 silently drops QoS 1 messages to a slow subscriber, which
+would show up as a lost fragment or a stuck participant. ``stop()`` and
+``start()`` may be called again to test a broker that goes away and comes
+back on the same address.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from khod.errors import ConfigError
+
+INSTALL_HINT = (
+    "mosquitto is not installed (or not on PATH). Install it, e.g. "
+    "`sudo apt-get install mosquitto` on Debian/Ubuntu or `dnf install mosquitto` on Fedora."
+)
+
+
+def find_mosquitto() -> str:
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
+        None,
+    )
+    if found is None:
+        raise ConfigError(INSTALL_HINT)
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateBroker:
+    """A mosquitto process of our own. Use as a context manager."""
+
+    def __init__(self, workdir: Path | None = None, *, tcp: bool = False) -> None:
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="khod-broker-")
+        self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.tcp = tcp
+        self.port = free_port() if tcp else 0
+        # Unix socket paths are limited to ~107 bytes: keep it short.
+        self.socket_path = Path(tempfile.mkdtemp(prefix="khodmq-")) / "mq.sock"
+        self.log_path = self.workdir / "mosquitto.log"
+        self.conf_path = self.workdir / "mosquitto.conf"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}" if self.tcp else f"unix://{self.socket_path}"
+
+    def _config(self) -> str:
+        listener = (
+            f"listener {self.port} 127.0.0.1" if self.tcp else f"listener 0 {self.socket_path}"
+        )
+        return "\n".join(
+            [
+                listener,
+                "allow_anonymous true",
+                "persistence false",
+                "max_queued_messages 100000",
+                "max_inflight_messages 0",
+                "max_packet_size 1048576",
+                # As root, mosquitto would drop to its own user, which cannot
+                # reach our private socket directory.
+                *(["user root"] if os.geteuid() == 0 else []),
+                "log_type error",
+                "log_type warning",
+                "log_type notice",
+                "log_dest stderr",
+                "",
+            ]
+        )
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.conf_path.write_text(self._config())
+        self.socket_path.unlink(missing_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [find_mosquitto(), "-c", str(self.conf_path)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ConfigError(
+                    f"mosquitto exited with {self.proc.returncode}: "
+                    f"{self.log_path.read_text(errors='replace')[-2000:]}"
+                )
+            if self._accepts():
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise ConfigError(f"mosquitto did not start listening within {timeout:g}s")
+
+    def _accepts(self) -> bool:
+        family = socket.AF_INET if self.tcp else socket.AF_UNIX
+        addr: tuple[str, int] | str = (
+            ("127.0.0.1", self.port) if self.tcp else str(self.socket_path)
+        )
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(addr)
+            except OSError:
+                return False
+        return True
+
+    def stop(self, *, kill: bool = False) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.socket_path.parent, ignore_errors=True)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> PrivateBroker:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,517 @@
+"""The outgoing side (``kho_out``): one handover and its participants, pure.
+
+``Outgoing`` applies requests to the lifecycle tables of ``khod.lifecycle``
+and reports what changed as a ``Changes`` value; the service persists those
+changes in one store transaction, then acknowledges and publishes. Every
+method validates everything before it mutates anything, so a refused
+request leaves the aggregate exactly as it was.
+
+Time is always passed in (``now``): this module never reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from khod import names
+from khod.errors import Busy, LifecycleError, OrderingError, RegistrationError, UnknownParticipant
+from khod.lifecycle import (
+    ABORTABLE,
+    ACTIVE,
+    HandoverEvent,
+    HandoverState,
+    ParticipantEvent,
+    ParticipantState,
+    find_cycle,
+    handover_next,
+    order,
+    participant_next,
+)
+
+P = ParticipantState
+H = HandoverState
+
+
+@dataclass
+class Participant:
+    name: str
+    compatible: str
+    instance: names.Instance
+    freeze_after: tuple[str, ...] = ()
+    restore_after: tuple[str, ...] = ()
+    state: ParticipantState = P.REGISTERED
+    fragment_size: int | None = None
+    fragment_sha256: str | None = None
+    error: str | None = None
+    updated_at: float = 0.0
+
+    def same_identity(self, other: Participant) -> bool:
+        return (self.compatible, self.instance, self.freeze_after, self.restore_after) == (
+            other.compatible,
+            other.instance,
+            other.freeze_after,
+            other.restore_after,
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "compatible": self.compatible,
+            "instance": self.instance,
+            "freeze_after": list(self.freeze_after),
+            "restore_after": list(self.restore_after),
+            "state": str(self.state),
+            "fragment_size": self.fragment_size,
+            "fragment_sha256": self.fragment_sha256,
+            "error": self.error,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> Participant:
+        return cls(
+            name=r["name"],
+            compatible=r["compatible"],
+            instance=r["instance"],
+            freeze_after=tuple(r.get("freeze_after", ())),
+            restore_after=tuple(r.get("restore_after", ())),
+            state=ParticipantState(r["state"]),
+            fragment_size=r.get("fragment_size"),
+            fragment_sha256=r.get("fragment_sha256"),
+            error=r.get("error"),
+            updated_at=float(r.get("updated_at", 0.0)),
+        )
+
+
+@dataclass
+class Handover:
+    id: str | None = None
+    state: HandoverState = H.IDLE
+    deadline: float | None = None
+    expected: tuple[str, ...] = ()
+    explicit: bool = False  # the operator named who to expect
+    auto_freeze: bool = True
+    began_at: float | None = None
+    freeze_at: float | None = None
+    committed_at: float | None = None
+    left_out: tuple[str, ...] = ()
+    freeze_order: tuple[str, ...] = ()
+    abort_reason: str | None = None
+    last_id: str | None = None  # the id of the previous (aborted) handover
+    payload: dict[str, Any] | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        r = dict(self.__dict__)
+        r["state"] = str(self.state)
+        r["expected"] = list(self.expected)
+        r["left_out"] = list(self.left_out)
+        r["freeze_order"] = list(self.freeze_order)
+        return r
+
+    @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> Handover:
+        h = cls(**{k: v for k, v in r.items() if k in cls.__dataclass_fields__})
+        h.state = HandoverState(h.state)
+        h.expected = tuple(h.expected)
+        h.left_out = tuple(h.left_out)
+        h.freeze_order = tuple(h.freeze_order)
+        return h
+
+
+@dataclass(frozen=True)
+class Transition:
+    subject: str  # "handover" or the participant's name
+    event: str
+    from_state: str | None
+    to_state: str
+    detail: str = ""
+
+
+@dataclass
+class Changes:
+    """What one request changed, for the service to persist and publish."""
+
+    handover: bool = False
+    participants: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)
+    transitions: list[Transition] = field(default_factory=list)
+    drop_fragments: set[str] = field(default_factory=set)
+    # Set when every participant is frozen: the service assembles the payload.
+    assemble: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.handover or self.participants or self.removed or self.transitions)
+
+
+class Outgoing:
+    """One host's handover and its registered participants."""
+
+    def __init__(
+        self,
+        handover: Handover | None = None,
+        participants: Iterable[Participant] = (),
+    ) -> None:
+        self.handover = handover or Handover()
+        self.participants: dict[str, Participant] = {p.name: p for p in participants}
+
+    # -- queries -------------------------------------------------------------
+
+    def in_handover(self, name: str) -> bool:
+        return self.handover.state in ACTIVE and name in self.handover.expected
+
+    def missing(self) -> list[str]:
+        """Expected participants not serialized (or frozen) yet."""
+        ok = (P.SERIALIZED, P.FROZEN)
+        return [
+            n
+            for n in self.handover.expected
+            if n not in self.participants or self.participants[n].state not in ok
+        ]
+
+    def not_frozen(self) -> list[str]:
+        return [
+            n
+            for n in self.handover.expected
+            if n not in self.participants or self.participants[n].state is not P.FROZEN
+        ]
+
+    def may_freeze_now(self) -> list[str]:
+        """Serialized participants whose freeze predecessors are all frozen."""
+        if self.handover.state is not H.FREEZING:
+            return []
+        return [
+            n
+            for n in self.handover.freeze_order
+            if self.participants[n].state is P.SERIALIZED and not self._waiting_for(n)
+        ]
+
+    def _waiting_for(self, name: str) -> list[str]:
+        return [
+            m
+            for m in self.participants[name].freeze_after
+            if m in self.handover.expected and self.participants[m].state is not P.FROZEN
+        ]
+
+    def counts(self) -> dict[str, int]:
+        c = {str(s): 0 for s in ParticipantState}
+        for p in self.participants.values():
+            c[str(p.state)] += 1
+        return c
+
+    # -- requests from participants ------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        compatible: str,
+        instance: object,
+        *,
+        freeze_after: Iterable[str] = (),
+        restore_after: Iterable[str] = (),
+        now: float,
+    ) -> Changes:
+        new = Participant(
+            name=names.check_name(name),
+            compatible=names.check_compatible(compatible),
+            instance=names.check_instance(instance),
+            freeze_after=tuple(sorted({names.check_name(n) for n in freeze_after})),
+            restore_after=tuple(sorted({names.check_name(n) for n in restore_after})),
+            updated_at=now,
+        )
+        for kind, deps in (("freeze", new.freeze_after), ("restore", new.restore_after)):
+            if name in deps:
+                raise OrderingError(f"{name!r} cannot {kind} after itself")
+        old = self.participants.get(name)
+        if old is not None and not old.same_identity(new):
+            raise RegistrationError(
+                f"duplicate name {name!r}: already registered as {old.compatible} "
+                f"instance {old.instance!r}"
+            )
+        for p in self.participants.values():
+            if p.name != name and (p.compatible, p.instance) == (new.compatible, new.instance):
+                raise RegistrationError(
+                    f"{new.compatible} instance {new.instance!r} is already registered "
+                    f"as {p.name!r}"
+                )
+        self._check_acyclic(new)
+        hs = self.handover.state
+        if old is not None and old.state is not P.FAILED:
+            # Same identity, still known: a reconnect or a replay. Nothing changes.
+            return Changes()
+        if hs in ACTIVE and hs is not H.PREPARING:
+            raise Busy(f"registration is closed: the handover is {hs}")
+        joins = hs is H.PREPARING and (not self.handover.explicit or name in self.handover.expected)
+        if joins:
+            self._check_known_order(new, (*self.handover.expected, name))
+
+        changes = Changes()
+        if old is None:
+            self.participants[name] = new
+            changes.participants.add(name)
+            changes.transitions.append(Transition(name, "register", None, P.REGISTERED))
+        else:
+            self._participant(changes, old, ParticipantEvent.REGISTER, now)
+        p = self.participants[name]
+        if joins:
+            if name not in self.handover.expected:
+                self.handover.expected = (*self.handover.expected, name)
+                changes.handover = True
+            self._participant(changes, p, ParticipantEvent.BEGIN, now)
+        return changes
+
+    def submittable(self, name: str) -> Participant:
+        """The participant, if it may submit a fragment now; else the error."""
+        p = self._member(name, "submit a fragment")
+        if self.handover.state not in (H.PREPARING, H.FREEZING):
+            raise Busy(f"{name!r} cannot submit a fragment: the handover is {self.handover.state}")
+        participant_next(p.state, ParticipantEvent.SUBMIT)
+        return p
+
+    def submit(self, name: str, size: int, sha256: str, *, now: float) -> Changes:
+        p = self.submittable(name)
+        changes = Changes()
+        self._participant(changes, p, ParticipantEvent.SUBMIT, now)
+        p.fragment_size, p.fragment_sha256 = size, sha256
+        self._maybe_auto_freeze(changes, now)
+        return changes
+
+    def revise(self, name: str, *, now: float) -> Changes:
+        p = self._member(name, "revise its fragment")
+        changes = Changes()
+        self._participant(changes, p, ParticipantEvent.REVISE, now)
+        p.fragment_size = p.fragment_sha256 = None
+        changes.drop_fragments.add(name)
+        return changes
+
+    def frozen(self, name: str, *, now: float) -> Changes:
+        p = self._member(name, "report frozen")
+        if self.handover.state is not H.FREEZING:
+            raise Busy(
+                f"{name!r} cannot freeze: the handover is {self.handover.state}, not freezing"
+            )
+        waiting = self._waiting_for(name)
+        if waiting:
+            raise OrderingError(
+                f"{name!r} must freeze after {', '.join(map(repr, waiting))}, not frozen yet"
+            )
+        changes = Changes()
+        self._participant(changes, p, ParticipantEvent.FREEZE, now)
+        if not self.not_frozen():
+            self._handover(changes, HandoverEvent.ALL_FROZEN)
+            changes.assemble = True
+        return changes
+
+    def fail(self, name: str, reason: str, *, now: float) -> Changes:
+        p = self._known(name)
+        changes = Changes()
+        self._participant(changes, p, ParticipantEvent.FAIL, now, detail=reason)
+        p.error = reason
+        if self.in_handover(name):
+            changes = self._merge(changes, self.abort(f"{name} failed: {reason}", now=now))
+        return changes
+
+    def gone(self, name: str, *, now: float) -> Changes:
+        """The participant's connection died (its will message)."""
+        p = self._known(name)
+        if self.in_handover(name):
+            return self.fail(name, "vanished (connection lost)", now=now)
+        if self.handover.state is H.COMMITTED:
+            return Changes()  # after commit, components going away is expected
+        del self.participants[name]
+        changes = Changes(removed={name}, drop_fragments={name})
+        changes.transitions.append(Transition(name, "gone", str(p.state), "removed"))
+        return changes
+
+    # -- requests from the operator ------------------------------------------
+
+    def begin(
+        self,
+        handover_id: str,
+        *,
+        deadline: float,
+        expect: Iterable[str] | None = None,
+        auto_freeze: bool = True,
+        now: float,
+    ) -> Changes:
+        handover_next(self.handover.state, HandoverEvent.BEGIN)  # validate first
+        if expect is not None:
+            expected = tuple(dict.fromkeys(names.check_name(n) for n in expect))
+            if not expected:
+                raise LifecycleError("begin: --expect names no participant")
+        else:
+            expected = tuple(sorted(self.participants))
+            if not expected:
+                raise LifecycleError("begin: no participant is registered (nothing to hand over)")
+        for n in expected:
+            p = self.participants.get(n)
+            if p is not None:
+                self._check_known_order(p, expected)
+        changes = Changes()
+        self.handover = Handover(
+            id=handover_id,
+            deadline=deadline,
+            expected=expected,
+            explicit=expect is not None,
+            auto_freeze=auto_freeze,
+            began_at=now,
+            last_id=self.handover.id,
+        )
+        self._handover(changes, HandoverEvent.BEGIN, from_state=H.IDLE)
+        for n in expected:
+            p = self.participants.get(n)
+            if p is not None:
+                if p.state is P.FAILED:
+                    self._participant(changes, p, ParticipantEvent.CANCEL, now)
+                self._participant(changes, p, ParticipantEvent.BEGIN, now)
+        return changes
+
+    def freeze(self, *, force: bool = False, now: float) -> Changes:
+        handover_next(self.handover.state, HandoverEvent.FREEZE)
+        missing = self.missing()
+        if missing and not force:
+            raise LifecycleError(
+                "cannot freeze: not serialized yet: " + ", ".join(missing) + " (use --force "
+                "to leave them out)"
+            )
+        if len(missing) == len(self.handover.expected):
+            raise LifecycleError("cannot freeze: no participant is serialized")
+        changes = Changes()
+        for n in missing:
+            p = self.participants.get(n)
+            if p is not None:
+                self._participant(changes, p, ParticipantEvent.CANCEL, now, detail="left out")
+                changes.drop_fragments.add(n)
+        self.handover.left_out = tuple(missing)
+        self.handover.expected = tuple(n for n in self.handover.expected if n not in missing)
+        self._start_freeze(changes, now)
+        return changes
+
+    def abort(self, reason: str, *, now: float) -> Changes:
+        changes = Changes()
+        self._handover(changes, HandoverEvent.ABORT, detail=reason)
+        self.handover.abort_reason = reason
+        for p in self.participants.values():
+            if p.state is not P.REGISTERED or p.fragment_sha256 is not None:
+                self._participant(changes, p, ParticipantEvent.CANCEL, now, detail="abort")
+                p.fragment_size = p.fragment_sha256 = None
+                changes.drop_fragments.add(p.name)
+        self._handover(changes, HandoverEvent.RESET)
+        self.handover.payload = None
+        return changes
+
+    def check_deadline(self, *, now: float) -> Changes:
+        h = self.handover
+        if h.state in ABORTABLE and h.deadline is not None and now >= h.deadline:
+            waiting = self.missing() if h.state is H.PREPARING else self.not_frozen()
+            detail = f"; waiting for {', '.join(waiting)}" if waiting else ""
+            return self.abort(f"deadline passed in {h.state}{detail}", now=now)
+        return Changes()
+
+    # -- steps the service takes ---------------------------------------------
+
+    def payload_order(self) -> list[Participant]:
+        return [self.participants[n] for n in self.handover.freeze_order]
+
+    def assembled(self) -> Changes:
+        changes = Changes()
+        self._handover(changes, HandoverEvent.ASSEMBLE)
+        return changes
+
+    def committed(self, payload: Mapping[str, Any], *, now: float) -> Changes:
+        changes = Changes()
+        self._handover(changes, HandoverEvent.COMMIT)
+        self.handover.committed_at = now
+        self.handover.payload = dict(payload)
+        return changes
+
+    # -- internals -----------------------------------------------------------
+
+    def _known(self, name: str) -> Participant:
+        try:
+            return self.participants[name]
+        except KeyError:
+            raise UnknownParticipant(f"unknown participant {name!r}: register first") from None
+
+    def _member(self, name: str, what: str) -> Participant:
+        p = self._known(name)
+        if not self.in_handover(name):
+            raise Busy(
+                f"{name!r} cannot {what}: it is not part of a running handover "
+                f"(handover {self.handover.state})"
+            )
+        return p
+
+    def _participant(
+        self,
+        changes: Changes,
+        p: Participant,
+        event: ParticipantEvent,
+        now: float,
+        detail: str = "",
+    ) -> None:
+        to = participant_next(p.state, event)
+        changes.transitions.append(Transition(p.name, str(event), str(p.state), str(to), detail))
+        changes.participants.add(p.name)
+        p.state, p.updated_at = to, now
+        if to is P.REGISTERED:
+            p.error = None
+
+    def _handover(
+        self,
+        changes: Changes,
+        event: HandoverEvent,
+        *,
+        from_state: HandoverState | None = None,
+        detail: str = "",
+    ) -> None:
+        frm = from_state or self.handover.state
+        to = handover_next(frm, event)
+        changes.transitions.append(Transition("handover", str(event), str(frm), str(to), detail))
+        changes.handover = True
+        self.handover.state = to
+
+    def _maybe_auto_freeze(self, changes: Changes, now: float) -> None:
+        h = self.handover
+        if h.state is H.PREPARING and h.auto_freeze and not self.missing():
+            self._start_freeze(changes, now)
+
+    def _start_freeze(self, changes: Changes, now: float) -> None:
+        # Edges to participants left out by a forced freeze no longer bind.
+        expected = set(self.handover.expected)
+        members = {
+            n: [d for d in self.participants[n].freeze_after if d in expected] for n in expected
+        }
+        self.handover.freeze_order = tuple(order(members, what="freeze"))
+        self._handover(changes, HandoverEvent.FREEZE)
+        self.handover.freeze_at = now
+
+    def _check_known_order(self, p: Participant, members: Iterable[str]) -> None:
+        known = set(members)
+        for kind, deps in (("freeze", p.freeze_after), ("restore", p.restore_after)):
+            unknown = [d for d in deps if d not in known]
+            if unknown:
+                raise OrderingError(
+                    f"{p.name!r} must {kind} after {', '.join(map(repr, unknown))}, "
+                    "which is not part of the handover"
+                )
+
+    def _check_acyclic(self, new: Participant) -> None:
+        for kind in ("freeze_after", "restore_after"):
+            graph = {n: getattr(q, kind) for n, q in self.participants.items()}
+            graph[new.name] = getattr(new, kind)
+            cycle = find_cycle(graph)
+            if cycle:
+                what = kind.removesuffix("_after")
+                raise OrderingError(f"{what} order would have a cycle: {' -> '.join(cycle)}")
+
+    @staticmethod
+    def _merge(a: Changes, b: Changes) -> Changes:
+        a.handover |= b.handover
+        a.participants |= b.participants
+        a.removed |= b.removed
+        a.transitions += b.transitions
+        a.drop_fragments |= b.drop_fragments
+        a.assemble |= b.assemble
+        return a

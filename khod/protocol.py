@@ -1,0 +1,244 @@
+"""The wire contract: topics, message models and the protocol version.
+
+This module is shared by the daemon, the SDK and the operator CLI, and it is
+the only place that knows the shape of anything on the bus. It has no I/O.
+``docs/protocol.md`` describes the same contract for other languages.
+
+Topic tree (``<host>`` is the host id, a single topic level)::
+
+    khod/v1/<host>/daemon              retained  DaemonStatus (its will: offline)
+    khod/v1/<host>/handover            retained  HandoverStatus (the freeze/cancel broadcast)
+    khod/v1/<host>/p/<name>/state      retained  ParticipantStatus
+    khod/v1/<host>/p/<name>/req/<op>   participant -> daemon (ParticipantOp)
+    khod/v1/<host>/p/<name>/reply      daemon -> participant
+    khod/v1/<host>/ctl/req/<op>        operator -> daemon (ControlOp)
+    khod/v1/<host>/ctl/reply/<client>  daemon -> operator
+
+Requests use MQTT v5 request/response: the request carries a Response Topic
+and Correlation Data, the reply goes to that topic with the same
+correlation data, exactly once. Replaying a request (same correlation data)
+returns the same reply without acting again.
+
+Payloads are JSON (content type ``application/json``), except fragments,
+which travel as raw FDT bytes (content type ``application/x-dtb``) in the
+``fragment`` request and in the ``retrieve`` reply.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from khod.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+ROOT = "khod/v1"
+JSON = "application/json"
+DTB = "application/x-dtb"
+#: JSON bodies are small; anything bigger is hostile or a bug.
+MAX_JSON_BODY = 64 * 1024
+
+
+class ParticipantOp(StrEnum):
+    REGISTER = "register"
+    FRAGMENT = "fragment"
+    REVISE = "revise"
+    FROZEN = "frozen"
+    FAIL = "fail"
+    GONE = "gone"  # the participant's will: it never expects a reply
+    RETRIEVE = "retrieve"
+    FINISH = "finish"
+
+
+class ControlOp(StrEnum):
+    BEGIN = "begin"
+    FREEZE = "freeze"
+    ABORT = "abort"
+    STATUS = "status"
+
+
+class Topics:
+    """Every topic of one host."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.prefix = f"{ROOT}/{host}"
+        self.daemon = f"{self.prefix}/daemon"
+        self.handover = f"{self.prefix}/handover"
+        self.participant_states = f"{self.prefix}/p/+/state"
+        self.all_participant_requests = f"{self.prefix}/p/+/req/+"
+        self.all_control_requests = f"{self.prefix}/ctl/req/+"
+
+    def state(self, name: str) -> str:
+        return f"{self.prefix}/p/{name}/state"
+
+    def request(self, name: str, op: ParticipantOp) -> str:
+        return f"{self.prefix}/p/{name}/req/{op}"
+
+    def reply(self, name: str) -> str:
+        return f"{self.prefix}/p/{name}/reply"
+
+    def control(self, op: ControlOp) -> str:
+        return f"{self.prefix}/ctl/req/{op}"
+
+    def control_reply(self, client: str) -> str:
+        return f"{self.prefix}/ctl/reply/{client}"
+
+    def parse_request(self, topic: str) -> tuple[str | None, str]:
+        """``(participant name, op)`` of a request topic, name None for control.
+
+        Raises ProtocolError for anything that is not a request topic of
+        this host, naming the topic.
+        """
+        rest = topic.removeprefix(self.prefix + "/")
+        parts = rest.split("/")
+        if rest != topic and len(parts) == 4 and parts[0] == "p" and parts[2] == "req":
+            return parts[1], parts[3]
+        if rest != topic and len(parts) == 3 and parts[:2] == ["ctl", "req"]:
+            return None, parts[2]
+        raise ProtocolError(f"not a request topic of host {self.host!r}: {topic!r}")
+
+
+# -- bodies ------------------------------------------------------------------
+
+
+class Model(BaseModel):
+    # Unknown fields are refused: a typo in a field name must not be ignored
+    # silently on a host that is about to kexec.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Request(Model):
+    protocol: int = PROTOCOL_VERSION
+
+
+class RegisterRequest(Request):
+    compatible: str = Field(max_length=128)
+    instance: int | str
+    freeze_after: list[str] = Field(default_factory=list, max_length=256)
+    restore_after: list[str] = Field(default_factory=list, max_length=256)
+
+
+class FailRequest(Request):
+    reason: str = Field(default="failed", max_length=1024)
+
+
+class EmptyRequest(Request):
+    """revise, frozen, gone, retrieve, finish, status carry nothing else."""
+
+
+class BeginRequest(Request):
+    deadline: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    expect: list[str] | None = Field(default=None, max_length=4096)
+    auto_freeze: bool = True
+
+
+class FreezeRequest(Request):
+    force: bool = False
+
+
+class AbortRequest(Request):
+    reason: str = Field(default="operator abort", max_length=1024)
+
+
+REQUEST_MODELS: dict[str, type[Request]] = {
+    ParticipantOp.REGISTER: RegisterRequest,
+    ParticipantOp.FAIL: FailRequest,
+    ControlOp.BEGIN: BeginRequest,
+    ControlOp.FREEZE: FreezeRequest,
+    ControlOp.ABORT: AbortRequest,
+}
+
+
+class ErrorBody(Model):
+    code: str
+    message: str
+
+
+class Reply(Model):
+    protocol: int = PROTOCOL_VERSION
+    op: str
+    ok: bool
+    error: ErrorBody | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+# -- retained state ----------------------------------------------------------
+
+
+class DaemonStatus(Model):
+    protocol: int = PROTOCOL_VERSION
+    version: str
+    state: Literal["online", "offline"]
+    side: Literal["outgoing", "incoming"] | None = None
+    pid: int | None = None
+    since: float | None = None
+
+
+class HandoverStatus(Model):
+    """The handover (outgoing) or restore (incoming) state of the host.
+
+    Participants watch this one topic: ``may_freeze`` lists who may freeze
+    now, ``may_retrieve`` who may retrieve now; a state of ``aborting`` or
+    ``idle`` with the id they took part in means cancel.
+    """
+
+    protocol: int = PROTOCOL_VERSION
+    side: Literal["outgoing", "incoming"]
+    id: str | None
+    state: str
+    deadline: float | None = None
+    expected: list[str] = Field(default_factory=list)
+    counts: dict[str, int] = Field(default_factory=dict)
+    missing: list[str] = Field(default_factory=list)
+    may_freeze: list[str] = Field(default_factory=list)
+    may_retrieve: list[str] = Field(default_factory=list)
+    left_out: list[str] = Field(default_factory=list)
+    unclaimed: list[str] = Field(default_factory=list)
+    abort_reason: str | None = None
+    began_at: float | None = None
+    freeze_at: float | None = None
+    committed_at: float | None = None
+    released_at: float | None = None
+    payload: dict[str, Any] | None = None
+    updated_at: float
+
+
+class ParticipantStatus(Model):
+    protocol: int = PROTOCOL_VERSION
+    name: str
+    state: str
+    compatible: str
+    instance: int | str
+    handover_id: str | None = None
+    freeze_after: list[str] = Field(default_factory=list)
+    restore_after: list[str] = Field(default_factory=list)
+    fragment_size: int | None = None
+    fragment_sha256: str | None = None
+    error: str | None = None
+    updated_at: float
+
+
+def decode(model: type[Request], body: bytes) -> Request:
+    """Parse a request body; an empty body is an empty request."""
+    if len(body) > MAX_JSON_BODY:
+        raise ProtocolError(f"request body of {len(body)} bytes exceeds {MAX_JSON_BODY}")
+    try:
+        req = model.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ProtocolError(f"malformed {model.__name__}: {details}") from None
+    if req.protocol != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {req.protocol} is not supported (this daemon speaks "
+            f"{PROTOCOL_VERSION})"
+        )
+    return req
+
+
+def encode(model: BaseModel) -> bytes:
+    return model.model_dump_json().encode()

@@ -1,0 +1,291 @@
+"""One MQTT v5 connection that stays up: broker URLs, reconnects, requests.
+
+aiomqtt does not reconnect by itself, so every long-lived khod process (the
+daemon, each SDK participant, ``khod monitor``) runs ``Connection.run()``:
+connect, subscribe, hand every message to a callback, and on any broker
+failure wait a little (exponential backoff, capped) and start again.
+``Connection.request()`` implements MQTT v5 request/response and retries a
+request with the *same* correlation data until a reply arrives, so a broker
+restart in the middle of a request costs a duplicate at most, which the
+daemon answers from its reply cache.
+
+This is the only module besides the daemon's bus that imports aiomqtt, and
+it is shared by the daemon, the SDK and the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from khod.errors import ConfigError, RequestTimeout
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[aiomqtt.Message], Awaitable[None]]
+ConnectHandler = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    """``mqtt://[user[:password]@]host[:port]`` or ``unix:///path/to/socket``."""
+
+    transport: Literal["tcp", "unix"]
+    host: str
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerURL:
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            path = unquote(parts.path)
+            if not path.startswith("/"):
+                raise ConfigError(f"broker URL {url!r}: a unix socket needs an absolute path")
+            return cls("unix", path)  # paho insists on a valid port even for a socket
+        if parts.scheme not in ("mqtt", "tcp"):
+            raise ConfigError(f"broker URL {url!r}: use mqtt://host:port or unix:///path/to/socket")
+        try:
+            port = parts.port or 1883
+        except ValueError:
+            raise ConfigError(f"broker URL {url!r}: invalid port") from None
+        if not parts.hostname:
+            raise ConfigError(f"broker URL {url!r}: no host")
+        return cls(
+            "tcp",
+            parts.hostname,
+            port,
+            unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None,
+        )
+
+    def __str__(self) -> str:
+        if self.transport == "unix":
+            return f"unix://{self.host}"
+        return f"mqtt://{self.host}:{self.port}"
+
+
+def properties(
+    *,
+    content_type: str | None = None,
+    response_topic: str | None = None,
+    correlation: bytes | None = None,
+) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if content_type:
+        props.ContentType = content_type
+    if response_topic:
+        props.ResponseTopic = response_topic
+    if correlation is not None:
+        props.CorrelationData = correlation
+    return props
+
+
+def message_props(message: aiomqtt.Message) -> tuple[str | None, str | None, bytes | None]:
+    """(content type, response topic, correlation data) of a received message."""
+    p = message.properties
+    if p is None:
+        return None, None, None
+    return (
+        getattr(p, "ContentType", None),
+        getattr(p, "ResponseTopic", None),
+        getattr(p, "CorrelationData", None),
+    )
+
+
+class Backoff:
+    """Exponential reconnect delay, reset by a successful connection."""
+
+    def __init__(self, first: float = 0.05, cap: float = 2.0) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    def next(self) -> float:
+        d = self.delay
+        self.delay = min(self.delay * 2, self.cap)
+        return d
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+class Connection:
+    """A broker connection that reconnects by itself.
+
+    Keyword-only arguments:
+      url: where the broker is.
+      identifier: MQTT client id (unique per process).
+      subscriptions: topics subscribed (QoS 1) on every (re)connect.
+      on_message: awaited for every message, in order, one at a time.
+      on_connect: awaited after each (re)connect, before messages flow, e.g.
+        to publish retained state again.
+      will: the last will, published by the broker if this process vanishes.
+    """
+
+    def __init__(
+        self,
+        url: BrokerURL,
+        *,
+        identifier: str,
+        subscriptions: Sequence[str] = (),
+        on_message: MessageHandler | None = None,
+        on_connect: ConnectHandler | None = None,
+        will: aiomqtt.Will | None = None,
+        keepalive: int = 10,
+    ) -> None:
+        self.url = url
+        self.identifier = identifier
+        self.subscriptions = list(subscriptions)
+        self.on_message = on_message
+        self.on_connect = on_connect
+        self.will = will
+        self.keepalive = keepalive
+        self.connects = 0
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._pending: dict[bytes, asyncio.Future[aiomqtt.Message]] = {}
+        self.reply_topic: str | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def _make_client(self) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            self.url.host,
+            self.url.port,
+            transport=self.url.transport,
+            username=self.url.username,
+            password=self.url.password,
+            identifier=self.identifier,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=self.will,
+            keepalive=self.keepalive,
+            timeout=10,
+        )
+
+    async def run(self) -> None:
+        """Stay connected until cancelled."""
+        backoff = Backoff()
+        while True:
+            try:
+                async with self._make_client() as client:
+                    self._client = client
+                    backoff.reset()
+                    topics = [*self.subscriptions]
+                    if self.reply_topic:
+                        topics.append(self.reply_topic)
+                    for topic in topics:
+                        await client.subscribe(topic, qos=1)
+                    self.connects += 1
+                    if self.on_connect is not None:
+                        await self.on_connect()
+                    self._connected.set()
+                    async for message in client.messages:
+                        await self._dispatch(message)
+            except aiomqtt.MqttError as exc:
+                log.info("%s: broker %s: %s; reconnecting", self.identifier, self.url, exc)
+            finally:
+                self._connected.clear()
+                self._client = None
+            await asyncio.sleep(backoff.next())
+
+    async def _dispatch(self, message: aiomqtt.Message) -> None:
+        if self.reply_topic is not None and message.topic.matches(self.reply_topic):
+            _, _, correlation = message_props(message)
+            fut = self._pending.get(correlation or b"")
+            if fut is not None and not fut.done():
+                fut.set_result(message)
+            return
+        if self.on_message is not None:
+            await self.on_message(message)
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no connection to the broker at {self.url} after {timeout:g}s"
+            ) from None
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        content_type: str | None = None,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> bool:
+        """Publish at QoS 1; False when not connected (the caller decides)."""
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return False
+        props = properties(
+            content_type=content_type, response_topic=response_topic, correlation=correlation
+        )
+        try:
+            await client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        except aiomqtt.MqttError as exc:
+            log.info("%s: publish to %s failed: %s", self.identifier, topic, exc)
+            return False
+        return True
+
+    async def request(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        content_type: str,
+        timeout: float,
+        retry_every: float = 2.0,
+    ) -> aiomqtt.Message:
+        """Send a request and await its one reply, re-sending across reconnects.
+
+        The correlation data stays the same for every re-send, so the daemon
+        recognises a duplicate and answers it from its reply cache.
+        """
+        if self.reply_topic is None:
+            raise RuntimeError("Connection.request() needs reply_topic set before run()")
+        correlation = uuid.uuid4().bytes
+        fut: asyncio.Future[aiomqtt.Message] = asyncio.get_running_loop().create_future()
+        self._pending[correlation] = fut
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        try:
+            while True:
+                left = end - loop.time()
+                if left <= 0:
+                    raise RequestTimeout(f"no reply to {topic} within {timeout:g}s")
+                with contextlib.suppress(RequestTimeout):
+                    await self.wait_connected(min(left, retry_every))
+                    await self.publish(
+                        topic,
+                        payload,
+                        content_type=content_type,
+                        response_topic=self.reply_topic,
+                        correlation=correlation,
+                    )
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(
+                        asyncio.shield(fut), min(retry_every, max(end - loop.time(), 0.001))
+                    )
+        finally:
+            self._pending.pop(correlation, None)
+
+
+def client_id(prefix: str) -> str:
+    """A client id unique to this process and call."""
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
