@@ -1,0 +1,516 @@
+"""The daemon's request handling: bus -> lifecycle -> store -> payload.
+
+One ``Daemon`` owns the aggregates (``Outgoing`` always, ``Incoming`` after a
+kexec), the store and the publisher. Every request runs under one lock:
+apply to the aggregate, persist in one store transaction, then reply and
+publish. So nothing is acknowledged before it is durable, and the retained
+topics always show states in the order they happened.
+
+Bad input never escapes as an exception: every ``KhodError`` becomes an
+error reply with its code; anything unexpected is logged and answered as
+``internal``. A ``StoreError`` is the exception: the disk is the truth, and
+a daemon that cannot write it must stop (systemd restarts it, and it
+resumes from what is on disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from khod import __version__, backend
+from khod.config import Settings
+from khod.errors import Busy, FragmentTooLarge, KhodError, ProtocolError, StoreError
+from khod.fragment import validate_fragment
+from khod.handover import Changes, Outgoing, Participant
+from khod.handover import Handover as HandoverRecord
+from khod.lifecycle import HandoverState, HostRestoreState
+from khod.payload import PayloadEntry, PayloadImage, assemble
+from khod.protocol import (
+    DTB,
+    JSON,
+    REQUEST_MODELS,
+    AbortRequest,
+    BeginRequest,
+    ControlOp,
+    DaemonStatus,
+    EmptyRequest,
+    ErrorBody,
+    FailRequest,
+    FreezeRequest,
+    ParticipantOp,
+    RegisterRequest,
+    Reply,
+    Topics,
+    decode,
+    encode,
+)
+from khod.restore import Claim, Incoming
+from khod.status import claim_status, incoming_status, outgoing_status, participant_status
+from khod.store import Store
+
+log = logging.getLogger(__name__)
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+REPLY_CACHE = 4096
+
+
+class Publisher(Protocol):
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        content_type: str | None = None,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> bool: ...
+
+
+def boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        publisher: Publisher,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.pub = publisher
+        self.now = clock
+        self.topics = Topics(settings.host_id)
+        self.lock = asyncio.Lock()
+        self.out = Outgoing(
+            HandoverRecord.from_record(h) if (h := store.load_handover()) else None,
+            (Participant.from_record(r) for r in store.load_participants().values()),
+        )
+        self.inc: Incoming | None = None
+        self.image: PayloadImage | None = None
+        self.started_at = clock()
+        self._replies: OrderedDict[tuple[str, bytes], tuple[bytes, str]] = OrderedDict()
+
+    # -- start-up ------------------------------------------------------------
+
+    def load_incoming(self, image_path: Path | None) -> None:
+        """Decide whether this boot restores a payload, and load it."""
+        rec = self.store.load_restore()
+        h = self.out.handover
+        after_kexec = (
+            h.state is HandoverState.COMMITTED and self.store.get_meta("boot_id") != boot_id()
+        )
+        if image_path is None and rec is not None:
+            image_path = Path(rec["image"])
+        elif image_path is None and after_kexec:
+            image_path = self.settings.payload_path
+        if image_path is None:
+            return
+        self.image = PayloadImage.from_file(image_path)
+        if rec is not None and rec["handover_id"] == self.image.handover_id:
+            self.inc = Incoming.from_record(rec["incoming"])
+            return
+        now = self.now()
+        claims = [
+            Claim(e.name, e.compatible, e.instance, e.size, e.sha256.hex(), e.restore_after)
+            for e in self.image.entries
+        ]
+        self.inc = Incoming.start(
+            self.image.handover_id,
+            claims,
+            deadline=now + self.settings.restore_deadline,
+            now=now,
+        )
+        with self.store.transaction():
+            # A new boot: the components of the old one are gone and register anew.
+            for name in list(self.out.participants):
+                self.store.delete_participant(name)
+                self.store.delete_fragment(name)
+            self.out = Outgoing()
+            self.store.save_handover(self.out.handover.to_record())
+            self._save_incoming()
+            self.store.record_transition(
+                "restore", "start", None, str(self.inc.state), detail=str(image_path)
+            )
+
+    async def resume(self) -> None:
+        """Finish what a killed daemon left half-done: assembly and commit."""
+        async with self.lock:
+            state = self.out.handover.state
+            if state in (HandoverState.FROZEN, HandoverState.ASSEMBLED):
+                log.info("resuming handover %s from %s", self.out.handover.id, state)
+                await self._assemble_and_commit()
+
+    # -- publishing ----------------------------------------------------------
+
+    async def publish_all(self) -> None:
+        await self.publish_daemon("online")
+        await self._publish_handover()
+        for name in self.out.participants:
+            await self._publish_state(name)
+        if self.inc is not None:
+            for name in self.inc.claims:
+                if name not in self.out.participants:
+                    await self._publish_state(name)
+
+    async def publish_daemon(self, state: str) -> None:
+        status = DaemonStatus(
+            version=__version__,
+            state="online" if state == "online" else "offline",
+            side="incoming" if self.inc is not None else "outgoing",
+            pid=None,
+            since=self.started_at,
+        )
+        await self.pub.publish(self.topics.daemon, encode(status), retain=True, content_type=JSON)
+
+    def handover_status(self) -> dict[str, Any]:
+        if self.inc is not None:
+            return incoming_status(self.inc, now=self.now()).model_dump()
+        return outgoing_status(self.out, now=self.now()).model_dump()
+
+    async def _publish_handover(self) -> None:
+        if self.inc is not None:
+            body = encode(incoming_status(self.inc, now=self.now()))
+        else:
+            body = encode(outgoing_status(self.out, now=self.now()))
+        await self.pub.publish(self.topics.handover, body, retain=True, content_type=JSON)
+
+    def participant_status(self, name: str) -> dict[str, Any] | None:
+        if self.inc is not None and name in self.inc.claims:
+            return claim_status(self.inc.claims[name], self.inc.handover_id).model_dump()
+        p = self.out.participants.get(name)
+        if p is None:
+            return None
+        return participant_status(p, self.out.handover.id).model_dump()
+
+    async def _publish_state(self, name: str) -> None:
+        status = self.participant_status(name)
+        # An empty retained message deletes the topic: the participant is gone.
+        body = b"" if status is None else encode_dict(status)
+        await self.pub.publish(self.topics.state(name), body, retain=True, content_type=JSON)
+
+    async def _publish(self, changes: Changes) -> None:
+        if not changes:
+            return
+        await self._publish_handover()
+        for name in sorted(changes.participants | changes.removed):
+            await self._publish_state(name)
+
+    # -- persisting ----------------------------------------------------------
+
+    def _persist(self, changes: Changes, *, fragment: tuple[str, bytes, str] | None = None) -> None:
+        with self.store.transaction():
+            if changes.handover:
+                self.store.save_handover(self.out.handover.to_record())
+            for name in changes.participants:
+                if name in self.out.participants:
+                    self.store.save_participant(name, self.out.participants[name].to_record())
+            for name in changes.removed:
+                self.store.delete_participant(name)
+            for name in changes.drop_fragments:
+                self.store.delete_fragment(name)
+            if fragment is not None:
+                self.store.put_fragment(*fragment)
+            for t in changes.transitions:
+                self.store.record_transition(
+                    t.subject, t.event, t.from_state, t.to_state, detail=t.detail
+                )
+
+    def _save_incoming(self) -> None:
+        assert self.inc is not None and self.image is not None
+        self.store.save_restore(
+            {
+                "handover_id": self.inc.handover_id,
+                "image": str(self.image.path) if self.image.path else "",
+                "incoming": self.inc.to_record(),
+            }
+        )
+
+    def _persist_incoming(self, changes: Changes) -> None:
+        with self.store.transaction():
+            self._save_incoming()
+            for t in changes.transitions:
+                self.store.record_transition(
+                    t.subject, t.event, t.from_state, t.to_state, detail=t.detail
+                )
+
+    # -- the request path ----------------------------------------------------
+
+    async def handle(self, topic: str, payload: bytes, props: tuple[Any, ...]) -> None:
+        """One message from the bus. Never raises for bad input."""
+        _, response_topic, correlation = props
+        try:
+            name, op = self.topics.parse_request(topic)
+        except ProtocolError:
+            await self._stale_state(topic, payload)
+            return
+        if response_topic is not None and not self._reply_allowed(name, response_topic):
+            log.warning(
+                "dropping request on %s: response topic %r not allowed", topic, response_topic
+            )
+            return
+        key = (response_topic or "", correlation or b"")
+        if response_topic is not None and correlation is not None and key in self._replies:
+            body, ctype = self._replies[key]  # a replay: same answer, no second effect
+            await self.pub.publish(
+                response_topic, body, content_type=ctype, correlation=correlation
+            )
+            return
+        async with self.lock:
+            try:
+                body, ctype = await self._dispatch(name, op, payload)
+            except StoreError:
+                raise
+            except KhodError as exc:
+                log.info("%s %s refused: %s", name or "operator", op, exc)
+                err = Reply(op=op, ok=False, error=ErrorBody(code=exc.code, message=str(exc)))
+                body, ctype = encode(err), JSON
+            except Exception as exc:  # the daemon never dies of one request
+                log.exception("%s %s: internal error", name or "operator", op)
+                err = Reply(op=op, ok=False, error=ErrorBody(code="internal", message=repr(exc)))
+                body, ctype = encode(err), JSON
+        if response_topic is None:
+            return
+        if correlation is not None:
+            self._replies[key] = (body, ctype)
+            while len(self._replies) > REPLY_CACHE:
+                self._replies.popitem(last=False)
+        await self.pub.publish(response_topic, body, content_type=ctype, correlation=correlation)
+
+    def _reply_allowed(self, name: str | None, response_topic: str) -> bool:
+        # The daemon may write anywhere under its prefix; never let a request
+        # steer it into writing someone else's state.
+        if name is None:
+            return response_topic.startswith(self.topics.control_reply(""))
+        return response_topic == self.topics.reply(name)
+
+    async def _stale_state(self, topic: str, payload: bytes) -> None:
+        """A retained state of a participant nobody knows any more: clear it."""
+        prefix, suffix = self.topics.prefix + "/p/", "/state"
+        if not (payload and topic.startswith(prefix) and topic.endswith(suffix)):
+            return
+        name = topic[len(prefix) : -len(suffix)]
+        if self.participant_status(name) is None:
+            await self.pub.publish(topic, b"", retain=True)
+
+    async def _dispatch(self, name: str | None, op: str, payload: bytes) -> tuple[bytes, str]:
+        # Fragments travel raw both ways; everything else is a JSON body.
+        if name is not None and op == ParticipantOp.FRAGMENT:
+            return await self._fragment(name, payload)
+        if name is not None and op == ParticipantOp.RETRIEVE:
+            decode(EmptyRequest, payload)
+            return await self._retrieve(name), DTB
+        handler = (CONTROL_OPS if name is None else PARTICIPANT_OPS).get(op)
+        if handler is None:
+            raise ProtocolError(f"unknown operation {op!r}")
+        req = decode(REQUEST_MODELS.get(op, EmptyRequest), payload)
+        data = await handler(self, name or "", req)
+        return encode(Reply(op=op, ok=True, data=data)), JSON
+
+    # -- participant operations ----------------------------------------------
+
+    async def _register(self, name: str, req: Any) -> dict[str, Any]:
+        assert isinstance(req, RegisterRequest)
+        changes = self.out.register(
+            name,
+            req.compatible,
+            req.instance,
+            freeze_after=req.freeze_after,
+            restore_after=req.restore_after,
+            now=self.now(),
+        )
+        await self._apply(changes)
+        return {"participant": self.participant_status(name), "handover": self.handover_status()}
+
+    async def _fragment(self, name: str, blob: bytes) -> tuple[bytes, str]:
+        limit = self.settings.max_fragment_size
+        if len(blob) > limit:
+            raise FragmentTooLarge(f"fragment of {len(blob)} bytes exceeds {limit}")
+        # Refuse a participant that may not submit before spending a full check on its blob.
+        p = self.out.submittable(name)
+        info = validate_fragment(blob, compatible=p.compatible, instance=p.instance, max_size=limit)
+        changes = self.out.submit(name, info.size, info.sha256_hex, now=self.now())
+        await self._apply(changes, fragment=(name, blob, info.sha256_hex))
+        data = {"size": info.size, "sha256": info.sha256_hex, "handover": self.handover_status()}
+        return encode(Reply(op=ParticipantOp.FRAGMENT, ok=True, data=data)), JSON
+
+    async def _revise(self, name: str, req: Any) -> dict[str, Any]:
+        await self._apply(self.out.revise(name, now=self.now()))
+        return {"participant": self.participant_status(name)}
+
+    async def _frozen(self, name: str, req: Any) -> dict[str, Any]:
+        changes = self.out.frozen(name, now=self.now())
+        await self._apply(changes)
+        if changes.assemble:
+            # The last participant's reply waits for the commit, so that its
+            # acknowledgement means the payload is on disk.
+            await self._assemble_and_commit()
+        return {"participant": self.participant_status(name)}
+
+    async def _fail(self, name: str, req: Any) -> dict[str, Any]:
+        assert isinstance(req, FailRequest)
+        await self._apply(self.out.fail(name, req.reason, now=self.now()))
+        return {"participant": self.participant_status(name)}
+
+    async def _gone(self, name: str, req: Any) -> dict[str, Any]:
+        if self.inc is not None and name in self.inc.claims and name not in self.out.participants:
+            return {}  # a restoring component that restarts will retrieve again
+        await self._apply(self.out.gone(name, now=self.now()))
+        return {}
+
+    async def _finish(self, name: str, req: Any) -> dict[str, Any]:
+        inc = self._incoming(name, "finish")
+        changes = inc.finish(name, now=self.now())
+        self._persist_incoming(changes)
+        await self._publish(changes)
+        return {"participant": self.participant_status(name), "handover": self.handover_status()}
+
+    def _incoming(self, name: str, what: str) -> Incoming:
+        if self.inc is None:
+            raise Busy(f"{name!r} cannot {what}: this host has no incoming payload")
+        return self.inc
+
+    async def _retrieve(self, name: str) -> bytes:
+        inc = self._incoming(name, "retrieve")
+        assert self.image is not None
+        changes = inc.retrieve(name, now=self.now())
+        blob = self.image.retrieve(name)
+        self._persist_incoming(changes)
+        await self._publish(changes)
+        return blob
+
+    # -- operator operations -------------------------------------------------
+
+    async def _begin(self, name: str, req: Any) -> dict[str, Any]:
+        assert isinstance(req, BeginRequest)
+        if self.inc is not None and self.inc.state is not HostRestoreState.RELEASED:
+            raise Busy("cannot begin: the incoming payload is still being restored")
+        deadline = req.deadline or self.settings.handover_deadline
+        now = self.now()
+        changes = self.out.begin(
+            str(uuid.uuid4()),
+            deadline=now + deadline,
+            expect=req.expect,
+            auto_freeze=req.auto_freeze,
+            now=now,
+        )
+        if self.inc is not None:
+            self.inc = self.image = None
+            self.store.clear_restore()
+        await self._apply(changes)
+        return {"handover": self.handover_status()}
+
+    async def _freeze(self, name: str, req: Any) -> dict[str, Any]:
+        assert isinstance(req, FreezeRequest)
+        h = self.out.handover
+        left_before = set(h.left_out)
+        await self._apply(self.out.freeze(force=req.force, now=self.now()))
+        return {
+            "handover": self.handover_status(),
+            "left_out": sorted(set(self.out.handover.left_out) - left_before),
+        }
+
+    async def _abort(self, name: str, req: Any) -> dict[str, Any]:
+        assert isinstance(req, AbortRequest)
+        await self._apply(self.out.abort(req.reason, now=self.now()))
+        return {"handover": self.handover_status()}
+
+    async def _status(self, name: str, req: Any) -> dict[str, Any]:
+        names = sorted(set(self.out.participants) | set(self.inc.claims if self.inc else ()))
+        return {
+            "daemon": {"version": __version__, "side": "incoming" if self.inc else "outgoing"},
+            "handover": self.handover_status(),
+            "participants": [self.participant_status(n) for n in names],
+        }
+
+    async def tick(self) -> None:
+        """Deadlines: abort a late handover, release a late restore."""
+        async with self.lock:
+            now = self.now()
+            await self._apply(self.out.check_deadline(now=now))
+            if self.inc is not None:
+                changes = self.inc.check_deadline(now=now)
+                if changes:
+                    log.warning("restore deadline passed; unclaimed: %s", self.inc.unclaimed)
+                    self._persist_incoming(changes)
+                    await self._publish(changes)
+
+    # -- assembly ------------------------------------------------------------
+
+    async def _apply(
+        self, changes: Changes, *, fragment: tuple[str, bytes, str] | None = None
+    ) -> None:
+        self._persist(changes, fragment=fragment)
+        await self._publish(changes)
+
+    async def _assemble_and_commit(self) -> None:
+        h = self.out.handover
+        assert h.id is not None
+        if h.state is HandoverState.FROZEN:
+            self._persist(self.out.assembled())
+        entries = []
+        for p in self.out.payload_order():
+            blob = self.store.get_fragment(p.name)
+            if blob is None or p.fragment_sha256 is None:
+                raise StoreError(f"fragment of {p.name!r} is missing from the store")
+            entries.append(
+                PayloadEntry(
+                    p.name,
+                    p.compatible,
+                    p.instance,
+                    blob,
+                    bytes.fromhex(p.fragment_sha256),
+                    p.restore_after,
+                )
+            )
+        image = assemble(h.id, entries, base=self.settings.payload_base)
+        manifest = PayloadImage.parse(image, base=self.settings.payload_base).manifest()
+        try:
+            info = await backend.commit(self.settings, image, manifest)
+        except KhodError as exc:
+            log.error("commit failed: %s", exc)
+            await self._apply(self.out.abort(f"commit failed: {exc}", now=self.now()))
+            return
+        info["blackout_s"] = round(self.now() - (h.freeze_at or self.now()), 6)
+        changes = self.out.committed(info, now=self.now())
+        with self.store.transaction():
+            self.store.set_meta("boot_id", boot_id())
+            self._persist(changes)
+        await self._publish(changes)
+        log.info("handover %s committed: %s", h.id, info)
+
+
+Handler = Callable[[Daemon, str, Any], Awaitable[dict[str, Any]]]
+PARTICIPANT_OPS: dict[str, Handler] = {
+    ParticipantOp.REGISTER: Daemon._register,
+    ParticipantOp.REVISE: Daemon._revise,
+    ParticipantOp.FROZEN: Daemon._frozen,
+    ParticipantOp.FAIL: Daemon._fail,
+    ParticipantOp.GONE: Daemon._gone,
+    ParticipantOp.FINISH: Daemon._finish,
+}
+CONTROL_OPS: dict[str, Handler] = {
+    ControlOp.BEGIN: Daemon._begin,
+    ControlOp.FREEZE: Daemon._freeze,
+    ControlOp.ABORT: Daemon._abort,
+    ControlOp.STATUS: Daemon._status,
+}
+
+
+def encode_dict(d: dict[str, Any]) -> bytes:
+    return json.dumps(d, separators=(",", ":")).encode()

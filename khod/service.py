@@ -1,0 +1,164 @@
+"""``khod run``: wiring of config, store, bus and daemon into one process.
+
+Everything runs in one asyncio TaskGroup with named tasks: ``bus`` (the
+broker connection and its reconnect loop), ``deadlines`` (handover and
+restore deadlines, systemd STATUS), ``watchdog`` (systemd WATCHDOG=1 when
+asked for). SIGTERM/SIGINT stop it cleanly: the state stays on disk and the
+retained daemon topic says offline. A crash says offline too, through the
+broker-held will.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import IO
+
+import aiomqtt
+
+from khod import __version__, backend, sdnotify
+from khod.config import Settings, load_settings
+from khod.daemon import Daemon
+from khod.errors import ConfigError, KhodError
+from khod.protocol import JSON, DaemonStatus, Topics, encode
+from khod.store import Store
+from khod.transport import Connection, message_props, properties
+
+log = logging.getLogger("khod")
+
+TICK = 0.25
+
+
+def setup_logging() -> None:
+    level = os.environ.get("KHOD_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s khod %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def lock_state_dir(state_dir: Path) -> IO[bytes]:
+    """One daemon per state directory: two would both write the same store."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    f = (state_dir / "khod.lock").open("ab")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"another khod is running on state directory {state_dir}") from None
+    return f
+
+
+async def serve(settings: Settings, *, restore: Path | None = None) -> int:
+    lock = lock_state_dir(settings.state_dir)
+    store = Store(settings.state_dir)
+    try:
+        return await _serve(settings, store, restore)
+    finally:
+        store.close()
+        lock.close()
+
+
+async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
+    topics = Topics(settings.host_id)
+    offline = encode(DaemonStatus(version=__version__, state="offline"))
+    conn = Connection(
+        settings.broker_url,
+        identifier=f"khod-{settings.host_id}",
+        subscriptions=[
+            topics.all_participant_requests,
+            topics.all_control_requests,
+            topics.participant_states,
+        ],
+        will=aiomqtt.Will(
+            topics.daemon,
+            offline,
+            qos=1,
+            retain=True,
+            properties=properties(content_type=JSON),
+        ),
+    )
+    daemon = Daemon(settings, store, conn)
+    daemon.load_incoming(restore)
+
+    async def on_message(m: aiomqtt.Message) -> None:
+        await daemon.handle(m.topic.value, m.payload, message_props(m))
+
+    conn.on_message = on_message
+    conn.on_connect = daemon.publish_all
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await daemon.resume()
+    async with asyncio.TaskGroup() as tg:
+        tasks = [
+            tg.create_task(conn.run(), name="bus"),
+            tg.create_task(_deadlines(daemon), name="deadlines"),
+        ]
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            tasks.append(tg.create_task(_watchdog(interval), name="watchdog"))
+        with contextlib.suppress(KhodError):
+            await conn.wait_connected(30)
+        sdnotify.notify("READY=1", f"STATUS=khod {__version__} on {settings.broker_url}")
+        log.info(
+            "khod %s running: host %s, broker %s, state %s",
+            __version__,
+            settings.host_id,
+            settings.broker_url,
+            settings.state_dir,
+        )
+        await stop.wait()
+        sdnotify.notify("STOPPING=1")
+        log.info("stopping")
+        # Said explicitly: a clean disconnect does not fire the will.
+        await daemon.publish_daemon("offline")
+        for t in tasks:
+            t.cancel()
+    return 0
+
+
+async def _deadlines(daemon: Daemon) -> None:
+    last = ""
+    while True:
+        await daemon.tick()
+        status = daemon.handover_status()
+        line = f"STATUS=handover {status['id'] or '-'}: {status['state']}"
+        if line != last:
+            sdnotify.notify(line)
+            last = line
+        await asyncio.sleep(TICK)
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+def main(config: Path | None, *, restore: Path | None = None) -> int:
+    setup_logging()
+    try:
+        settings = load_settings(config)
+        backend.check_backend(settings)
+    except ConfigError as exc:
+        print(f"khod: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(settings, restore=restore))
+    except ConfigError as exc:
+        print(f"khod: {exc}", file=sys.stderr)
+        return 2
+    except KhodError as exc:
+        print(f"khod: {exc}", file=sys.stderr)
+        return 1
