@@ -103,6 +103,7 @@ class Daemon:
         )
         self.inc: Incoming | None = None
         self.image: PayloadImage | None = None
+        self.image_path: Path | None = None
         self.started_at = clock()
         self._replies: OrderedDict[tuple[str, bytes], tuple[bytes, str]] = OrderedDict()
 
@@ -121,7 +122,8 @@ class Daemon:
             image_path = self.settings.payload_path
         if image_path is None:
             return
-        self.image = PayloadImage.from_file(image_path)
+        self.image = PayloadImage.from_file(image_path, base=self.settings.payload_base)
+        self.image_path = image_path
         if rec is not None and rec["handover_id"] == self.image.handover_id:
             self.inc = Incoming.from_record(rec["incoming"])
             return
@@ -236,7 +238,7 @@ class Daemon:
         self.store.save_restore(
             {
                 "handover_id": self.inc.handover_id,
-                "image": str(self.image.path) if self.image.path else "",
+                "image": str(self.image_path),
                 "incoming": self.inc.to_record(),
             }
         )

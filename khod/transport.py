@@ -198,6 +198,8 @@ class Connection:
                 log.info("%s: broker %s: %s; reconnecting", self.identifier, self.url, exc)
             finally:
                 self._connected.clear()
+                if self._client is not None:
+                    _consume_disconnect(self._client)
                 self._client = None
             await asyncio.sleep(backoff.next())
 
@@ -284,6 +286,15 @@ class Connection:
                     )
         finally:
             self._pending.pop(correlation, None)
+
+
+def _consume_disconnect(client: aiomqtt.Client) -> None:
+    # aiomqtt stores a lost connection as an exception on a private future that
+    # nobody awaits once we have left the client; retrieve it so asyncio does
+    # not report "Future exception was never retrieved" on every broker restart.
+    fut = getattr(client, "_disconnected", None)
+    if isinstance(fut, asyncio.Future) and fut.done() and not fut.cancelled():
+        fut.exception()
 
 
 def client_id(prefix: str) -> str:
