@@ -232,8 +232,9 @@ class Connection:
         correlation: bytes | None = None,
     ) -> bool:
         """Publish at QoS 1; False when not connected (the caller decides)."""
+        # Usable as soon as the session is up, so that on_connect can publish.
         client = self._client
-        if client is None or not self._connected.is_set():
+        if client is None:
             return False
         props = properties(
             content_type=content_type, response_topic=response_topic, correlation=correlation

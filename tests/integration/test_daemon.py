@@ -1,0 +1,288 @@
+"""The daemon as a process: durability, crashes, broker restarts, systemd, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from khod.fdt import start_storage
+from khod.payload import PayloadEntry, PayloadImage, assemble
+from khod.protocol import JSON, ControlOp, ParticipantOp, Topics
+from khod.store import Store
+from tests.busclient import RawClient, until, watcher
+from tests.daemonproc import DaemonFactory, DaemonProc
+
+pytestmark = pytest.mark.integration
+
+COMPAT = "test,vm-v1"
+
+
+def fragment(i: int, rev: int = 1) -> bytes:
+    b = start_storage(COMPAT, i)
+    b.property_u32("revision", rev)
+    b.property_bytes("state", bytes([i % 256]) * (64 + i))
+    return b.finish_storage()
+
+
+def state_of(latest: dict[str, bytes], topic: str) -> dict[str, object]:
+    body = latest.get(topic)
+    return json.loads(body) if body else {}
+
+
+async def test_late_monitor_sees_everything_retained(daemon: DaemonProc) -> None:
+    url, host = daemon.broker.url, daemon.host_id
+    t = Topics(host)
+    for i, name in enumerate(["a", "b", "c"]):
+        async with RawClient(url, host, name) as c:
+            assert (await c.register(COMPAT, i))["ok"]
+    async with RawClient(url, host) as op:
+        assert (await op.op(ControlOp.BEGIN, {"deadline": 60}))["ok"]
+    # Connects after everything happened, and still sees all of it at once.
+    async with watcher(url, f"khod/v1/{host}/#") as latest:
+        await until(lambda: len([k for k in latest if k.endswith("/state")]) == 3, what="states")
+        assert state_of(latest, t.daemon)["state"] == "online"
+        h = state_of(latest, t.handover)
+        assert h["state"] == "preparing" and h["expected"] == ["a", "b", "c"]
+        assert {state_of(latest, t.state(n))["state"] for n in "abc"} == {"preparing"}
+
+
+async def test_killed_daemon_resumes_and_produces_the_same_payload(
+    daemon: DaemonProc,
+) -> None:
+    """SIGKILL after random acknowledgements; nothing acknowledged is lost."""
+    url, host = daemon.broker.url, daemon.host_id
+    rng = random.Random(1234)
+    names = [f"p{i}" for i in range(6)]
+    blobs = {n: fragment(i) for i, n in enumerate(names)}
+    kills = 0
+
+    async def maybe_kill() -> None:
+        nonlocal kills
+        if rng.random() < 0.35:
+            kills += 1
+            assert daemon.kill() == -signal.SIGKILL
+            await asyncio.to_thread(daemon.start)
+
+    async with RawClient(url, host) as op:
+        for i, n in enumerate(names):
+            async with RawClient(url, host, n) as c:
+                assert (await c.register(COMPAT, i))["ok"]
+            await maybe_kill()
+        begun = await op.op(ControlOp.BEGIN, {"deadline": 120})
+        handover_id = begun["data"]["handover"]["id"]
+        await maybe_kill()
+        for n in names:
+            async with RawClient(url, host, n) as c:
+                assert (await c.op(ParticipantOp.FRAGMENT, blobs[n]))["ok"]
+            await maybe_kill()
+        for n in names:
+            async with RawClient(url, host, n) as c:
+                reply = await c.op(ParticipantOp.FROZEN)
+                assert reply["ok"], reply
+            if n != names[-1]:
+                await maybe_kill()
+        status = (await op.op(ControlOp.STATUS))["data"]
+    assert kills >= 2, "the seed must exercise at least two crashes"
+    assert status["handover"]["state"] == "committed"
+    assert status["handover"]["id"] == handover_id
+    image = (daemon.state_dir / "payload.kho").read_bytes()
+    expected = assemble(
+        handover_id,
+        [
+            PayloadEntry(n, COMPAT, i, blobs[n], hashlib.sha256(blobs[n]).digest())
+            for i, n in enumerate(names)
+        ],
+    )
+    assert image == expected
+    parsed = PayloadImage.parse(image)
+    assert [parsed.retrieve(n) for n in names] == [blobs[n] for n in names]
+
+
+async def test_sigterm_stops_cleanly_and_keeps_state(daemon: DaemonProc) -> None:
+    url, host = daemon.broker.url, daemon.host_id
+    async with RawClient(url, host, "keep") as c:
+        assert (await c.register(COMPAT, 1))["ok"]
+    async with watcher(url, Topics(host).daemon) as latest:
+        assert await asyncio.to_thread(daemon.stop) == 0
+        await until(
+            lambda: state_of(latest, Topics(host).daemon).get("state") == "offline",
+            what="daemon offline",
+        )
+    daemon.stop()
+    with Store(daemon.state_dir) as store:
+        assert store.load_participants()["keep"]["state"] == "registered"
+    await asyncio.to_thread(daemon.start)
+    async with RawClient(url, host) as op:
+        names = [p["name"] for p in (await op.op(ControlOp.STATUS))["data"]["participants"]]
+    assert names == ["keep"]
+
+
+async def test_crash_publishes_the_will(daemon: DaemonProc) -> None:
+    topic = Topics(daemon.host_id).daemon
+    async with watcher(daemon.broker.url, topic) as latest:
+        await until(lambda: state_of(latest, topic).get("state") == "online", what="online")
+        daemon.kill()
+        await until(lambda: state_of(latest, topic).get("state") == "offline", what="will")
+
+
+async def test_broker_restart_costs_no_state(daemon: DaemonProc) -> None:
+    url, host = daemon.broker.url, daemon.host_id
+    t = Topics(host)
+    async with RawClient(url, host, "a") as a, RawClient(url, host, "b") as b:
+        await a.register(COMPAT, 0)
+        await b.register(COMPAT, 1)
+        async with RawClient(url, host) as op:
+            await op.op(ControlOp.BEGIN, {"deadline": 120})
+        assert (await a.op(ParticipantOp.FRAGMENT, fragment(0)))["ok"]
+        # The broker keeps nothing: its retained state is gone with it.
+        await asyncio.to_thread(daemon.broker.restart)
+        # The request path survives: the client and the daemon both reconnect.
+        assert (await b.op(ParticipantOp.FRAGMENT, fragment(1)))["ok"]
+        async with watcher(url, t.handover, t.state("a")) as latest:
+            # ... and the daemon has published its retained state again.
+            await until(lambda: t.handover in latest and t.state("a") in latest, what="retained")
+            assert state_of(latest, t.handover)["state"] == "freezing"
+            assert state_of(latest, t.state("a"))["state"] == "serialized"
+        for c in (a, b):
+            assert (await c.op(ParticipantOp.FROZEN))["ok"]
+    assert PayloadImage.from_file(daemon.state_dir / "payload.kho").retrieve("a") == fragment(0)
+
+
+def _notify_socket(tmp_path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(20)
+    return sock
+
+
+def _read_notifications(sock: socket.socket, until_field: str) -> list[str]:
+    seen: list[str] = []
+    while until_field not in seen:
+        seen += sock.recv(4096).decode().split("\n")
+    return seen
+
+
+def test_systemd_notify_ready_watchdog_stopping(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    sock = _notify_socket(tmp_path)
+    d = daemon_factory(NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="200000")
+    with sock:
+        d.start(wait=False)
+        seen = _read_notifications(sock, "READY=1")
+        assert any(f.startswith("STATUS=khod") for f in seen)
+        assert "WATCHDOG=1" in _read_notifications(sock, "WATCHDOG=1")
+        d.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        assert "STOPPING=1" in _read_notifications(sock, "STOPPING=1")
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "config", "message"),
+    [
+        ({"KHOD_BROKER": "http://nope"}, None, "broker URL"),
+        ({"KHOD_MAX_FRAGMENT_SIZE": "12"}, None, "max_fragment_size"),
+        ({"KHOD_HOST_ID": "a/b"}, None, "host id"),
+        ({}, "handover_deadline = 'soon'\n", "handover_deadline"),
+        ({}, "no_such_key = 1\n", "no_such_key"),
+        ({}, "this is not toml\n", "not valid TOML"),
+        ({"KHOD_BACKEND": "exec"}, None, "exec_command"),
+    ],
+)
+def test_bad_config_is_exit_2_with_a_clear_message(
+    tmp_path: Path, env: dict[str, str], config: str | None, message: str
+) -> None:
+    argv = [sys.executable, "-m", "khod.cli", "run"]
+    if config is not None:
+        (tmp_path / "khod.toml").write_text(config)
+        argv += ["--config", str(tmp_path / "khod.toml")]
+    full_env = {**os.environ, "KHOD_STATE_DIR": str(tmp_path / "s"), **env}
+    full_env.pop("KHOD_CONFIG", None)
+    r = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert not (tmp_path / "s" / "khod.db").exists(), "a refused config must change nothing"
+
+
+def test_second_daemon_on_the_same_state_dir_is_refused(daemon: DaemonProc) -> None:
+    env = daemon.env
+    r = subprocess.run(
+        [sys.executable, "-m", "khod.cli", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2
+    assert "another khod is running" in r.stderr
+
+
+async def test_hostile_requests_get_clear_errors_and_change_nothing(daemon: DaemonProc) -> None:
+    url, host = daemon.broker.url, daemon.host_id
+    t = Topics(host)
+    async with RawClient(url, host, "a") as a, RawClient(url, host) as op:
+        before = (await op.op(ControlOp.STATUS))["data"]
+        cases: list[tuple[str, bytes, str]] = [
+            (t.request("a", ParticipantOp.REGISTER), b"{not json", "bad-request"),
+            (t.request("a", ParticipantOp.REGISTER), b'{"compatible": 5}', "bad-request"),
+            (
+                t.request("a", ParticipantOp.REGISTER),
+                b'{"compatible": "x,y", "instance": 1, "bogus": 1}',
+                "bad-request",
+            ),
+            (
+                t.request("a", ParticipantOp.REGISTER),
+                b'{"protocol": 99, "compatible": "x,y", "instance": 1}',
+                "bad-request",
+            ),
+            (t.request("a", ParticipantOp.REGISTER), b"x" * 70000, "bad-request"),
+            (t.request("a", ParticipantOp.FROZEN), b"", "unknown-participant"),
+            (f"{t.prefix}/p/a/req/explode", b"{}", "bad-request"),
+            (
+                t.request("a", ParticipantOp.REGISTER),
+                b'{"compatible": "x,y", "instance": "has space"}',
+                "bad-registration",
+            ),
+        ]
+        for topic, body, code in cases:
+            payload, _ = await a.raw(topic, body)
+            reply = json.loads(payload)
+            assert not reply["ok"] and reply["error"]["code"] == code, (topic, body, reply)
+            assert reply["error"]["message"]
+        async with RawClient(url, host, "a") as a2:
+            frag, _ = await a2.raw(t.request("a", ParticipantOp.FRAGMENT), b"\0" * 100, "x")
+        assert json.loads(frag)["error"]["code"] in ("unknown-participant", "busy")
+        # Another participant's reply topic is refused: no reply, no effect.
+        conn = a.conn
+        await conn.publish(
+            t.request("a", ParticipantOp.REGISTER),
+            b'{"compatible": "x,y", "instance": 3}',
+            content_type=JSON,
+            response_topic=t.reply("b"),
+            correlation=b"steer",
+        )
+        await asyncio.sleep(0.3)
+        after = (await op.op(ControlOp.STATUS))["data"]
+    before["handover"].pop("updated_at")
+    after["handover"].pop("updated_at")
+    assert after == before
+    assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon must survive"
+
+
+async def test_stale_retained_state_is_cleared(daemon: DaemonProc) -> None:
+    url, t = daemon.broker.url, Topics(daemon.host_id)
+    async with RawClient(url, daemon.host_id) as op:
+        await op.conn.publish(t.state("ghost"), b'{"state": "frozen"}', retain=True)
+    async with watcher(url, t.state("ghost")) as latest:
+        await asyncio.sleep(0.5)
+        assert not latest.get(t.state("ghost")), "a ghost participant's state must be cleared"
