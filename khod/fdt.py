@@ -1,0 +1,526 @@
+"""Thin typed wrapper over libfdt, and the builder participants use for fragments.
+
+Writing goes through libfdt's sequential writer (``FdtSw``); checking goes
+through ``fdt_check_full``. Reading walks the structure block in Python, but
+only after ``fdt_check_full`` has accepted the blob: pylibfdt's readers raise
+``SystemError`` on property names that are not UTF-8 and cannot see
+properties that follow a subnode, and hostile blobs have both.
+
+Conventions (the payload format in the design contract relies on them):
+
+- Values KHO itself defines (``preserved-data`` and ``blob-size`` in the
+  payload root) are **native-endian u64**, as mainline ``kho_add_subtree``
+  writes them.
+- Values a participant writes with ``property_u32`` / ``property_u64``
+  follow the devicetree convention: **big-endian cells**.
+  ``property_u64_native`` is there for participants that want the KHO one.
+- An integer ``instance`` is one big-endian u32 cell (``instance = <3>``,
+  0..2**32-1). A string ``instance`` is a NUL-terminated string of 1 to 64
+  printable ASCII characters.
+- Decoding an instance: a NUL-terminated run of printable ASCII is a string,
+  otherwise exactly 4 bytes are an integer. A 3-character string and an
+  integer share the same 4-byte length, so integers whose cell reads as a
+  printable 3-character string (e.g. ``0x61626300``, "abc") are refused by
+  ``encode_instance``: encoding and decoding stay a bijection. Every integer
+  below ``0x20202000`` (538 976 256) is always accepted.
+- Names follow dtc's rules (dtc refuses trees that break them): node names
+  use ``[A-Za-z0-9,._+-]`` plus at most one ``@`` after a non-empty base;
+  property names use ``[A-Za-z0-9,._+*#?-]``. ``name``, ``phandle`` and
+  ``linux,phandle`` are refused: dtc gives them meaning a fragment has no use
+  for. Within a node, names are unique and properties come before subnodes.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import libfdt
+
+from khod.errors import FragmentError
+
+KHO_COMPATIBLE_PREFIX = "linux-kho,"
+FDT_VERSION = 17
+FDT_MAGIC = 0xD00DFEED
+FDT_HEADER_SIZE = 40
+INSTANCE_MAX_LEN = 64
+
+_NODE_RE = re.compile(r"[A-Za-z0-9,._+-]+(@[A-Za-z0-9,._+-]*)?")
+_PROP_RE = re.compile(r"[A-Za-z0-9,._+*#?-]+")
+_COMPATIBLE_RE = re.compile(r"[\x21-\x7e]+")
+_RESERVED_PROPS = frozenset({"name", "phandle", "linux,phandle"})
+_PRINTABLE = frozenset(range(0x20, 0x7F))
+_BEGIN_NODE, _END_NODE, _PROP, _NOP, _END = 1, 2, 3, 4, 9
+_U32 = struct.Struct(">I")
+_NATIVE_U64 = "=Q"  # '=' is native byte order with standard sizes: KHO's convention
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+# -- instance ----------------------------------------------------------------
+
+
+def _instance_string(raw: bytes) -> str | None:
+    body = raw[:-1]
+    if (
+        raw.endswith(b"\0")
+        and 0 < len(body) <= INSTANCE_MAX_LEN
+        and all(b in _PRINTABLE for b in body)
+    ):
+        return body.decode("ascii")
+    return None
+
+
+def encode_instance(instance: int | str) -> bytes:
+    """The ``instance`` property value; ValueError if the instance is not encodable."""
+    if isinstance(instance, bool) or not isinstance(instance, int | str):
+        raise ValueError(f"instance must be an int or a str, got {type(instance).__name__}")
+    if isinstance(instance, str):
+        raw = instance.encode("ascii", "replace") + b"\0"
+        if _instance_string(raw) != instance:
+            raise ValueError(
+                f"instance string {instance!r} must be 1 to {INSTANCE_MAX_LEN} "
+                "printable ASCII characters"
+            )
+        return raw
+    if not 0 <= instance <= 0xFFFFFFFF:
+        raise ValueError(f"instance {instance} is out of the u32 range 0..{0xFFFFFFFF}")
+    raw = _U32.pack(instance)
+    if _instance_string(raw) is not None:
+        raise ValueError(
+            f"instance {instance} (0x{instance:08x}) reads back as the string "
+            f"{_instance_string(raw)!r}; use that string or another integer"
+        )
+    return raw
+
+
+def decode_instance(raw: bytes) -> int | str:
+    """The instance an ``instance`` property holds; FragmentError if it holds neither kind."""
+    text = _instance_string(bytes(raw))
+    if text is not None:
+        return text
+    if len(raw) == 4:
+        return int(_U32.unpack(raw)[0])
+    raise FragmentError(
+        f"instance {bytes(raw)[:16].hex()} is neither a u32 cell nor a printable string"
+    )
+
+
+# -- names -------------------------------------------------------------------
+
+
+def check_node_name(name: str) -> None:
+    """FragmentError unless ``name`` is a node name dtc accepts."""
+    if not _NODE_RE.fullmatch(name):
+        raise FragmentError(
+            f"bad node name {name!r}: use letters, digits and ,._+- with at most one "
+            "'@unit' suffix after a non-empty base"
+        )
+
+
+def check_property_name(name: str) -> None:
+    """FragmentError unless ``name`` is a property name dtc accepts and gives no meaning."""
+    if not _PROP_RE.fullmatch(name):
+        raise FragmentError(f"bad property name {name!r}: use letters, digits and ,._+*#?-")
+    if name in _RESERVED_PROPS:
+        raise FragmentError(f"property name {name!r} is reserved by the devicetree format")
+
+
+# -- writing -----------------------------------------------------------------
+
+
+@dataclass
+class _Frame:
+    path: str
+    props: set[str] = field(default_factory=set)
+    children: set[str] = field(default_factory=set)
+
+
+class FdtWriter:
+    """Sequential FDT writer that enforces the naming rules and grows by doubling.
+
+    FdtSw grows by 1 KiB per failed write, which is quadratic for big values;
+    reserving space up front keeps growth amortized linear.
+    """
+
+    def __init__(self, size_hint: int = 1024) -> None:
+        self._sw = libfdt.FdtSw(max(int(size_hint), 256))
+        self._sw.finish_reservemap()
+        self._frames: list[_Frame] = []
+        self._finished = False
+        self._slack = 0  # free bytes known without asking libfdt: a lower bound
+        self.struct_offset = 0
+        """Offset of the structure block in the finished blob (set by ``finish``)."""
+
+    @property
+    def depth(self) -> int:
+        return len(self._frames)
+
+    def _live(self) -> None:
+        if self._finished:
+            raise FragmentError("the FDT is already finished")
+
+    def _reserve(self, n: int) -> None:
+        """Make sure the next write, which takes at most ``n`` bytes, fits."""
+        self._live()
+        if self._slack < n:
+            sw = self._sw
+            used = int(sw.off_dt_struct()) + int(sw.size_dt_struct()) + int(sw.size_dt_strings())
+            total = int(sw.totalsize())
+            if total - used < n:
+                total = max(2 * total, used + 2 * n)
+                sw.resize(total)
+            self._slack = total - used
+        self._slack -= n
+
+    def begin_node(self, name: str) -> None:
+        self._live()
+        if self._frames:
+            parent = self._frames[-1]
+            check_node_name(name)
+            if name in parent.children:
+                raise FragmentError(f"duplicate node {name!r} under {parent.path}")
+            parent.children.add(name)
+            path = f"{parent.path.rstrip('/')}/{name}"
+        elif name:
+            raise FragmentError(f"the root node has an empty name, got {name!r}")
+        else:
+            path = "/"
+        self._reserve(len(name) + 16)
+        self._sw.begin_node(name)
+        self._frames.append(_Frame(path))
+
+    def end_node(self) -> None:
+        self._live()
+        if not self._frames:
+            raise FragmentError("end_node() without an open node")
+        self._reserve(8)
+        self._sw.end_node()
+        self._frames.pop()
+
+    def property(self, name: str, value: bytes) -> int:
+        """Write a property; return where its value starts, relative to ``struct_offset``."""
+        self._live()
+        if not self._frames:
+            raise FragmentError(f"property {name!r} outside of any node")
+        frame = self._frames[-1]
+        check_property_name(name)
+        if name in frame.props:
+            raise FragmentError(f"duplicate property {name!r} in {frame.path}")
+        if frame.children:
+            # libfdt readers stop looking for properties at the first subnode.
+            raise FragmentError(f"property {name!r} in {frame.path} after a subnode")
+        value = bytes(value)
+        self._reserve(len(value) + len(name) + 32)
+        before = int(self._sw.size_dt_struct())
+        self._sw.property(name, value)
+        # An FDT_PROP record is tag, length and name offset (3 x u32), then the value.
+        assert int(self._sw.size_dt_struct()) == before + 12 + _align4(len(value))
+        frame.props.add(name)
+        return before + 12
+
+    def finish(self) -> bytes:
+        """Close every open node and return the packed blob; the writer is then spent."""
+        while self._frames:
+            self.end_node()
+        self._reserve(16)
+        fdt = self._sw.as_fdt()
+        fdt.pack()
+        self._finished = True
+        self.struct_offset = int(fdt.off_dt_struct())
+        return bytes(fdt.as_bytearray())
+
+
+class FragmentBuilder:
+    """A participant's fragment, written in order, like KHO's start/finish_storage.
+
+    Create it with :func:`start_storage`. The root already holds
+    ``compatible = "linux-kho,<compatible>"`` and ``instance``; add properties
+    (before subnodes), nest nodes with :meth:`node`, then :meth:`finish_storage`.
+    Misuse raises :class:`FragmentError` with the rule that was broken.
+    """
+
+    def __init__(self, compatible: str, instance: int | str, *, size_hint: int = 1024) -> None:
+        check_compatible(compatible)
+        self._w = FdtWriter(size_hint)
+        self._w.begin_node("")
+        self._w.property("compatible", (KHO_COMPATIBLE_PREFIX + compatible).encode() + b"\0")
+        self._w.property("instance", encode_instance(instance))
+
+    def _put(self, name: str, value: bytes) -> None:
+        if self._w.depth == 1 and name in ("compatible", "instance"):
+            raise FragmentError(f"the root {name!r} is written by start_storage(); not twice")
+        self._w.property(name, value)
+
+    def property_bytes(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        self._put(name, bytes(data))
+
+    def property_string(self, name: str, value: str) -> None:
+        self._put(name, _encode_string(name, value))
+
+    def property_strings(self, name: str, values: Sequence[str]) -> None:
+        if isinstance(values, str):
+            raise TypeError(f"property_strings({name!r}) takes a sequence of str, not a str")
+        self._put(name, b"".join(_encode_string(name, v) for v in values))
+
+    def property_u32(self, name: str, value: int) -> None:
+        self._put(name, _pack_int(name, ">I", value, 32))
+
+    def property_u64(self, name: str, value: int) -> None:
+        self._put(name, _pack_int(name, ">Q", value, 64))
+
+    def property_u64_native(self, name: str, value: int) -> None:
+        self._put(name, _pack_int(name, _NATIVE_U64, value, 64))
+
+    def begin_node(self, name: str) -> None:
+        self._w.begin_node(name)
+
+    def end_node(self) -> None:
+        if self._w.depth == 1:
+            raise FragmentError("end_node() without a matching begin_node()")
+        self._w.end_node()
+
+    @contextmanager
+    def node(self, name: str) -> Iterator[FragmentBuilder]:
+        self.begin_node(name)
+        yield self
+        self.end_node()
+
+    def finish_storage(self) -> bytes:
+        """Close open nodes and return the minimal blob; later calls raise."""
+        return self._w.finish()
+
+
+def start_storage(
+    compatible: str, instance: int | str, *, size_hint: int = 1024
+) -> FragmentBuilder:
+    """Begin a fragment for ``compatible`` (without the ``linux-kho,`` prefix) and ``instance``."""
+    return FragmentBuilder(compatible, instance, size_hint=size_hint)
+
+
+def check_compatible(compatible: str) -> None:
+    """ValueError unless ``compatible`` is non-empty printable ASCII without spaces or prefix."""
+    if not isinstance(compatible, str) or not _COMPATIBLE_RE.fullmatch(compatible):
+        raise ValueError(f"compatible {compatible!r} must be non-empty printable ASCII, no spaces")
+    if compatible.startswith(KHO_COMPATIBLE_PREFIX):
+        raise ValueError(
+            f"give compatible {compatible!r} without the {KHO_COMPATIBLE_PREFIX!r} prefix"
+        )
+
+
+def _encode_string(name: str, value: str) -> bytes:
+    if not isinstance(value, str) or "\0" in value:
+        raise FragmentError(f"property {name!r}: {value!r} is not a str without NUL")
+    return value.encode() + b"\0"
+
+
+def _pack_int(name: str, fmt: str, value: int, bits: int) -> bytes:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << bits:
+        raise FragmentError(f"property {name!r}: {value!r} is not a u{bits}")
+    return struct.pack(fmt, value)
+
+
+def native_u64(value: int) -> bytes:
+    """``value`` as KHO writes it: a native-endian u64."""
+    return struct.pack(_NATIVE_U64, value)
+
+
+def read_native_u64(raw: bytes) -> int:
+    """The inverse of :func:`native_u64`; ``raw`` must be 8 bytes."""
+    return int(struct.unpack(_NATIVE_U64, raw)[0])
+
+
+# -- reading -----------------------------------------------------------------
+
+
+class FdtHeader(NamedTuple):
+    magic: int
+    totalsize: int
+    off_dt_struct: int
+    off_dt_strings: int
+    off_mem_rsvmap: int
+    version: int
+    last_comp_version: int
+    boot_cpuid_phys: int
+    size_dt_strings: int
+    size_dt_struct: int
+
+
+def read_header(data: bytes) -> FdtHeader:
+    """The header fields, unchecked; FragmentError if ``data`` is shorter than a header."""
+    if len(data) < FDT_HEADER_SIZE:
+        raise FragmentError(
+            f"too short for an FDT: {len(data)} bytes, the header alone is {FDT_HEADER_SIZE}"
+        )
+    return FdtHeader(*struct.unpack_from(">10I", data))
+
+
+def check_blob(data: bytes) -> None:
+    """FragmentError unless ``data`` is exactly one FDT v17 that passes libfdt's full check."""
+    h = read_header(data)
+    if h.magic != FDT_MAGIC:
+        raise FragmentError(f"bad magic 0x{h.magic:08x}, expected 0x{FDT_MAGIC:08x}")
+    if h.version != FDT_VERSION:
+        raise FragmentError(f"FDT version {h.version}, expected {FDT_VERSION}")
+    if h.totalsize > len(data):
+        raise FragmentError(f"truncated: the header says {h.totalsize} bytes, got {len(data)}")
+    if h.totalsize < len(data):
+        raise FragmentError(
+            f"{len(data) - h.totalsize} stray bytes after the FDT "
+            f"(header totalsize {h.totalsize}, got {len(data)})"
+        )
+    err = int(libfdt.fdt_check_full(bytearray(data), len(data)))
+    if err:
+        raise FragmentError(f"libfdt full check failed: {libfdt.fdt_strerror(err)}")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node as read from a blob; names are latin-1 so that any byte survives."""
+
+    name: str
+    path: str
+    properties: tuple[tuple[str, bytes], ...]
+    children: tuple[Node, ...]
+
+    def get(self, name: str) -> bytes | None:
+        """The value of the first property called ``name``, or None."""
+        return next((v for n, v in self.properties if n == name), None)
+
+
+@dataclass
+class _OpenNode:
+    name: str
+    path: str
+    props: list[tuple[str, bytes]] = field(default_factory=list)
+    children: list[Node] = field(default_factory=list)
+
+
+def read_tree(data: bytes) -> Node:
+    """Check ``data`` with :func:`check_blob` and return its root node."""
+    data = bytes(data)
+    check_blob(data)
+    h = read_header(data)
+    strings = data[h.off_dt_strings : h.off_dt_strings + h.size_dt_strings]
+    pos, end = h.off_dt_struct, h.off_dt_struct + h.size_dt_struct
+    stack: list[_OpenNode] = []
+    root: Node | None = None
+    # Iterative on purpose: a hostile blob may nest deeper than Python recurses.
+    while root is None and pos + 4 <= end:
+        (tag,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if tag == _BEGIN_NODE:
+            nul = data.find(b"\0", pos, end)
+            if nul < 0:
+                break
+            name = data[pos:nul].decode("latin-1")
+            path = f"{stack[-1].path.rstrip('/')}/{name}" if stack else "/"
+            stack.append(_OpenNode(name, path))
+            pos = _align4(nul + 1)
+        elif tag == _END_NODE and stack:
+            top = stack.pop()
+            node = Node(top.name, top.path, tuple(top.props), tuple(top.children))
+            if stack:
+                stack[-1].children.append(node)
+            else:
+                root = node
+        elif tag == _PROP and stack and pos + 8 <= end:
+            length, nameoff = struct.unpack_from(">II", data, pos)
+            value = data[pos + 8 : pos + 8 + length]
+            pos = _align4(pos + 8 + length)
+            nul = strings.find(b"\0", nameoff)
+            pname = strings[nameoff:nul].decode("latin-1")
+            if stack[-1].children:
+                raise FragmentError(
+                    f"property {pname!r} in {stack[-1].path} follows a subnode; "
+                    "libfdt readers would not see it"
+                )
+            stack[-1].props.append((pname, value))
+        elif tag != _NOP:
+            break
+    if root is None:  # fdt_check_full accepted it, so this is not expected
+        raise FragmentError(f"malformed structure block near offset {pos}")
+    return root
+
+
+def walk(data: bytes) -> Iterator[Node]:
+    """Every node of a checked blob, root first, in document order."""
+    stack = [read_tree(data)]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(reversed(node.children))
+
+
+def check_tree(root: Node) -> None:
+    """FragmentError if any name breaks the rules or repeats among its siblings."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        seen: set[str] = set()
+        for name, _ in node.properties:
+            check_property_name(name)
+            if name in seen:
+                raise FragmentError(f"duplicate property {name!r} in {node.path}")
+            seen.add(name)
+        seen.clear()
+        for child in node.children:
+            check_node_name(child.name)
+            if child.name in seen:
+                raise FragmentError(f"duplicate node {child.name!r} under {node.path}")
+            seen.add(child.name)
+        stack.extend(node.children)
+
+
+# -- dts ---------------------------------------------------------------------
+
+
+def _show_name(name: str) -> str:
+    return "".join(c if 0x20 < ord(c) < 0x7F else f"\\x{ord(c):02x}" for c in name)
+
+
+def _dts_value(value: bytes) -> str:
+    parts = value[:-1].split(b"\0")
+    if value.endswith(b"\0") and all(p and all(b in _PRINTABLE for b in p) for p in parts):
+        quoted = (p.decode("ascii").replace("\\", "\\\\").replace('"', '\\"') for p in parts)
+        return ", ".join(f'"{q}"' for q in quoted)
+    if len(value) % 4 == 0:
+        cells = struct.unpack(f">{len(value) // 4}I", value)
+        return "<" + " ".join(f"0x{c:02x}" for c in cells) + ">"
+    return "[" + value.hex(" ") + "]"
+
+
+def to_dts(data: bytes) -> str:
+    """dts-like text for a checked blob, decoded in Python (no dtc needed at runtime)."""
+    root = read_tree(data)
+    h = read_header(data)
+    lines = ["/dts-v1/;", ""]
+    for i in range(int(libfdt.fdt_num_mem_rsv(bytearray(data)))):
+        addr, size = struct.unpack_from(">QQ", data, h.off_mem_rsvmap + 16 * i)
+        lines.append(f"/memreserve/ 0x{addr:016x} 0x{size:016x};")
+    if lines[-1]:
+        lines.append("")
+    # (node, depth, blank line before it); None closes the node at that depth.
+    todo: list[tuple[Node | None, int, bool]] = [(root, 0, False)]
+    while todo:
+        node, depth, blank = todo.pop()
+        tab = "\t" * depth
+        if node is None:
+            lines.append(f"{tab}}};")
+            continue
+        lines.extend([""] * blank + [f"{tab}{_show_name(node.name) or '/'} {{"])
+        for name, value in node.properties:
+            shown = f" = {_dts_value(value)}" if value else ""
+            lines.append(f"{tab}\t{_show_name(name)}{shown};")
+        todo.append((None, depth, False))
+        todo.extend(
+            (child, depth + 1, bool(node.properties) or i > 0)
+            for i, child in reversed(list(enumerate(node.children)))
+        )
+    return "\n".join(lines) + "\n"

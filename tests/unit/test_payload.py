@@ -1,0 +1,454 @@
+"""khod.payload: assembly, read-back, and every corruption refused with its place."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import libfdt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from khod import fdt
+from khod.errors import PayloadError
+from khod.fragment import validate_fragment
+from khod.payload import PayloadEntry, PayloadImage, assemble
+
+HID = "2b1f6a8e-8f53-4c1e-9d0a-5f1c2e3d4b5a"
+PAGE = 4096
+
+
+def instance_of(i: int) -> int | str:
+    return i if i % 2 else f"vm-{i}"
+
+
+def fragment(compatible: str, instance: int | str, filler: int = 100) -> bytes:
+    b = fdt.start_storage(compatible, instance)
+    b.property_bytes("state", bytes([len(str(instance))]) * filler)
+    with b.node("memfd"):
+        b.property_u32("token", 7)
+    return b.finish_storage()
+
+
+def entry(
+    name: str, compatible: str, instance: int | str, blob: bytes | None = None
+) -> PayloadEntry:
+    blob = fragment(compatible, instance) if blob is None else blob
+    return PayloadEntry(name, compatible, instance, blob, hashlib.sha256(blob).digest())
+
+
+def entries(n: int) -> list[PayloadEntry]:
+    return [entry(f"vm-{i}", "cloud-hypervisor,vm-v1", instance_of(i)) for i in range(n)]
+
+
+def root_of(image: bytes) -> bytes:
+    return image[: fdt.read_header(image).totalsize]
+
+
+def links(image: bytes) -> dict[str, fdt.Node]:
+    return {n.name: n for n in fdt.read_tree(root_of(image)).children}
+
+
+# -- round trip --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 50])
+def test_round_trip(n: int) -> None:
+    given_entries = entries(n)
+    image = assemble(HID, given_entries)
+    parsed = PayloadImage.parse(image)
+    assert parsed.handover_id == HID
+    assert parsed.base == 0
+    assert parsed.size == len(image)
+    assert [(r.name, r.compatible, r.instance) for r in parsed.entries] == [
+        (e.name, e.compatible, e.instance) for e in given_entries
+    ]
+    for e, ref in zip(given_entries, parsed.entries, strict=True):
+        assert ref.size == len(e.blob)
+        assert ref.sha256 == e.sha256
+        assert parsed.retrieve(e.name) == e.blob
+        assert parsed.retrieve_by(e.compatible, e.instance) == e.blob
+    if n == 0:
+        assert image == root_of(image)
+
+
+def test_deterministic_and_ordered() -> None:
+    es = entries(5)
+    assert assemble(HID, es) == assemble(HID, list(es))
+    reordered = assemble(HID, es[::-1])
+    assert reordered != assemble(HID, es)
+    assert [r.name for r in PayloadImage.parse(reordered).entries] == [e.name for e in es[::-1]]
+
+
+@pytest.mark.parametrize(("base", "page"), [(0, 4096), (0x1_0000_0000, 4096), (0x20000, 65536)])
+def test_alignment_and_native_endian_links(base: int, page: int) -> None:
+    es = entries(4)
+    image = assemble(HID, es, base=base, page_size=page)
+    parsed = PayloadImage.parse(image, base=base, page_size=page)
+    root_size = fdt.read_header(image).totalsize
+    offsets = [r.offset for r in parsed.entries]
+    assert offsets[0] == -(-root_size // page) * page
+    assert all(o % page == 0 for o in offsets)
+    assert offsets == sorted(offsets)
+    assert len(image) == offsets[-1] + len(es[-1].blob)
+    for e, o in zip(es, offsets, strict=True):
+        node = links(image)[e.name]
+        assert node.get("preserved-data") == struct.pack("=Q", base + o)
+        assert node.get("blob-size") == struct.pack("=Q", len(e.blob))
+        assert node.get("sha256") == e.sha256
+        assert image[o : o + len(e.blob)] == e.blob
+    gaps = [(root_size, offsets[0])] + [
+        (o + len(e.blob), nxt) for e, o, nxt in zip(es, offsets, offsets[1:], strict=False)
+    ]
+    assert all(image[a:b] == bytes(b - a) for a, b in gaps)
+    with pytest.raises(PayloadError):  # read with the wrong base
+        PayloadImage.parse(image, base=base + page, page_size=page)
+
+
+def test_retrieve_misses() -> None:
+    parsed = PayloadImage.parse(assemble(HID, [entry("a", "x,y", 3), entry("b", "x,y", "3")]))
+    assert parsed.retrieve_by("x,y", 3) != parsed.retrieve_by("x,y", "3")
+    calls: list[Callable[[], bytes]] = [
+        lambda: parsed.retrieve("c"),
+        lambda: parsed.retrieve_by("x,y", 4),
+        lambda: parsed.retrieve_by("linux-kho,x,y", 3),
+        lambda: parsed.retrieve_by("x,y", True),
+        lambda: parsed.retrieve_by("x,y", -1),
+    ]
+    for call in calls:
+        with pytest.raises(PayloadError, match="no fragment for"):
+            call()
+
+
+def test_manifest_and_from_file(tmp_path: Path) -> None:
+    es = entries(3)
+    image = assemble(HID, es)
+    path = tmp_path / "payload.kho"
+    path.write_bytes(image)
+    parsed = PayloadImage.from_file(path)
+    m = parsed.manifest()
+    assert m["format"] == "khod-v1"
+    assert m["handover_id"] == HID
+    assert m["size"] == len(image)
+    assert m["sha256"] == hashlib.sha256(image).hexdigest()
+    assert m["participants"][1] == {
+        "name": "vm-1",
+        "compatible": "cloud-hypervisor,vm-v1",
+        "instance": 1,
+        "offset": parsed.entries[1].offset,
+        "size": len(es[1].blob),
+        "sha256": es[1].sha256.hex(),
+        "restore_after": [],
+    }
+    with pytest.raises(OSError):
+        PayloadImage.from_file(tmp_path / "missing.kho")
+
+
+def test_restore_order_travels_in_the_image() -> None:
+    es = entries(3)
+    es[2] = dataclasses.replace(es[2], restore_after=("vm-0", "vm-1"))
+    image = assemble(HID, es)
+    parsed = PayloadImage.parse(image)
+    assert [r.restore_after for r in parsed.entries] == [(), (), ("vm-0", "vm-1")]
+    assert parsed.manifest()["participants"][2]["restore_after"] == ["vm-0", "vm-1"]
+    assert links(image)["vm-2"].get("restore-after") == b"vm-0\0vm-1\0"
+    assert links(image)["vm-0"].get("restore-after") is None
+    assert 'restore-after = "vm-0", "vm-1";' in fdt.to_dts(root_of(image))
+
+
+@pytest.mark.parametrize("bad", ["vm-0", ("",), ("a\0b",), ("é",)])
+def test_assemble_refuses_bad_restore_order(bad: Any) -> None:
+    e = entry("a", "x,y", 1)
+    with pytest.raises(PayloadError, match="participant 'a': restore_after"):
+        assemble(HID, [PayloadEntry(e.name, e.compatible, e.instance, e.blob, e.sha256, bad)])
+
+
+def test_assembly_only_links() -> None:
+    # Not an FDT at all: assembly must not look inside, the reader must refuse it.
+    junk = b"not an fdt" * 10
+    image = assemble(HID, [entry("a", "x,y", 1), entry("junk", "x,y", 2, junk)])
+    assert junk in image
+    with pytest.raises(PayloadError, match=r"participant 'junk' at offset 0x2000: bad magic"):
+        PayloadImage.parse(image)
+
+
+def test_assemble_refusals() -> None:
+    a = entry("a", "x,y", 1)
+    cases: list[tuple[list[PayloadEntry], str]] = [
+        ([a, entry("a", "x,y", 2)], "duplicate participant name 'a'"),
+        ([a, entry("b", "x,y", 1)], "participant 'b': another participant has the same"),
+        ([entry("a b", "x,y", 1)], "participant 'a b': bad node name"),
+        ([entry("c", "linux-kho,x", 1, a.blob)], "without the 'linux-kho,' prefix"),
+        ([PayloadEntry("d", "x,y", 1, a.blob, b"short")], "sha256 is 5 bytes"),
+        ([PayloadEntry("e", "x,y", 1, b"", a.sha256)], "empty fragment"),
+        ([PayloadEntry("f", "x,y", -1, a.blob, a.sha256)], "u32 range"),
+    ]
+    for es, message in cases:
+        with pytest.raises(PayloadError, match=message):
+            assemble(HID, es)
+    for hid in ("", "a\0b", "é", "x" * 129):
+        with pytest.raises(PayloadError, match="handover id"):
+            assemble(hid, [a])
+    with pytest.raises(ValueError, match="page_size"):
+        assemble(HID, [a], page_size=3000)
+    with pytest.raises(ValueError, match="base"):
+        assemble(HID, [a], base=0x1001)
+
+
+def test_root_and_fragments_pass_dtc_and_fdtdump(tmp_path: Path) -> None:
+    es = entries(3)
+    image = assemble(HID, es)
+    parsed = PayloadImage.parse(image)
+    blobs = {"root": root_of(image)} | {r.name: image[r.offset : r.offset + r.size]
+                                         for r in parsed.entries}  # fmt: skip
+    out = {}
+    for name, blob in blobs.items():
+        path = tmp_path / f"{name}.dtb"
+        path.write_bytes(blob)
+        out[name] = subprocess.run(["dtc", "-I", "dtb", "-O", "dts", str(path)],
+                                   capture_output=True, text=True, check=True).stdout  # fmt: skip
+        subprocess.run(["fdtdump", str(path)], capture_output=True, check=True)
+        assert out[name] == fdt.to_dts(blob)
+    assert 'compatible = "khod-v1";' in out["root"]
+    assert f'handover-id = "{HID}";' in out["root"]
+    for e in es:
+        assert f"\t{e.name} {{" in out["root"]
+        assert 'compatible = "linux-kho,cloud-hypervisor,vm-v1";' in out[e.name]
+    assert 'instance = "vm-0";' in out["vm-0"]
+    assert "instance = <0x01>;" in out["vm-1"]
+
+
+# -- corruptions -------------------------------------------------------------
+
+FRAGS = [fragment("x,y", i) for i in range(3)]
+
+
+def craft(
+    link_props: list[list[tuple[str, bytes]]],
+    layout: list[tuple[int, bytes]],
+    *,
+    root_props: list[tuple[str, bytes]] | None = None,
+    size: int | None = None,
+) -> bytes:
+    """An image put together by hand: a root with these link nodes, blobs at these offsets."""
+    sw = libfdt.FdtSw()
+    sw.finish_reservemap()
+    sw.begin_node("")
+    for name, value in [("compatible", b"khod-v1\0"), ("handover-id", HID.encode() + b"\0")] \
+            if root_props is None else root_props:  # fmt: skip
+        sw.property(name, value)
+    for i, props in enumerate(link_props):
+        sw.begin_node(f"p{i}")
+        for name, value in props:
+            sw.property(name, value)
+        sw.end_node()
+    sw.end_node()
+    f = sw.as_fdt()
+    f.pack()
+    image = bytearray(f.as_bytearray())
+    for offset, blob in layout:
+        image.extend(bytes(max(0, offset + len(blob) - len(image))))
+        image[offset : offset + len(blob)] = blob
+    if size is not None:
+        image.extend(bytes(size - len(image)))
+    return bytes(image)
+
+
+def link(i: int, offset: int, **override: bytes | None) -> list[tuple[str, bytes]]:
+    blob = FRAGS[i]
+    props: dict[str, bytes | None] = {
+        "compatible": b"linux-kho,x,y\0",
+        "instance": fdt.encode_instance(i),
+        "preserved-data": struct.pack("=Q", offset),
+        "blob-size": struct.pack("=Q", len(blob)),
+        "sha256": hashlib.sha256(blob).digest(),
+    }
+    props.update(override)
+    return [(k, v) for k, v in props.items() if v is not None]
+
+
+def good_layout() -> tuple[list[list[tuple[str, bytes]]], list[tuple[int, bytes]]]:
+    return [link(i, PAGE * (i + 1)) for i in range(3)], [
+        (PAGE * (i + 1), FRAGS[i]) for i in range(3)
+    ]
+
+
+def refused(image: bytes, message: str) -> str:
+    with pytest.raises(PayloadError, match=message) as info:
+        PayloadImage.parse(image)
+    return str(info.value)
+
+
+def test_crafted_good_image_parses() -> None:
+    links_, layout = good_layout()
+    assert [r.name for r in PayloadImage.parse(craft(links_, layout)).entries] == ["p0", "p1", "p2"]
+    # Unknown link properties are tolerated: a newer khod may add some.
+    links_[0].append(("x-future", b"\1"))
+    assert PayloadImage.parse(craft(links_, layout)).entries[0].name == "p0"
+
+
+def test_flipped_byte_in_a_fragment() -> None:
+    image = bytearray(assemble(HID, entries(3)))
+    ref = PayloadImage.parse(bytes(image)).entries[1]
+    image[ref.offset + ref.size - 5] ^= 0x40
+    refused(bytes(image), r"participant 'vm-1' at offset 0x2000: sha256 mismatch")
+
+
+def test_truncated_image() -> None:
+    image = assemble(HID, entries(3))
+    refused(image[:-1], r"participant 'vm-2' at offset 0x3000: .* past the end of the image")
+    refused(image[:100], r"root FDT: truncated image: 100 bytes, the root alone is")
+    refused(image[:20], "root FDT: too short for an FDT: 20 bytes")
+    refused(b"", "root FDT: too short")
+
+
+def test_offset_out_of_bounds() -> None:
+    links_, layout = good_layout()
+    links_[2] = link(2, 64 * PAGE)
+    refused(craft(links_, layout), r"participant 'p2' at offset 0x40000: .* past the end")
+
+
+def test_blob_size_out_of_bounds() -> None:
+    links_, layout = good_layout()
+    links_[2] = link(2, 3 * PAGE, **{"blob-size": struct.pack("=Q", 1 << 40)})
+    refused(craft(links_, layout), r"participant 'p2' at offset 0x3000: .* past the end")
+
+
+def test_misaligned_offset() -> None:
+    links_, layout = good_layout()
+    links_[1] = link(1, 2 * PAGE + 8)
+    layout[1] = (2 * PAGE + 8, FRAGS[1])
+    refused(craft(links_, layout), r"participant 'p1' at offset 0x2008: not aligned")
+
+
+def test_below_base() -> None:
+    links_, layout = good_layout()
+    image = craft(links_, layout)
+    with pytest.raises(PayloadError, match=r"participant 'p0': preserved-data 0x1000 is below"):
+        PayloadImage.parse(image, base=0x100000)
+
+
+def test_overlapping_fragments() -> None:
+    links_, layout = good_layout()
+    links_[2] = link(2, 2 * PAGE)  # p2 claims p1's page
+    msg = refused(craft(links_, layout), r"at offset 0x2000: overlaps participant 'p[12]'")
+    assert "'p1'" in msg and "'p2'" in msg
+
+
+def test_fragment_overlapping_the_root() -> None:
+    links_, layout = good_layout()
+    links_[0] = link(0, 0)
+    refused(craft(links_, layout), r"participant 'p0' at offset 0x0: overlaps the root FDT")
+
+
+def test_wrong_root_compatible_or_handover_id() -> None:
+    links_, layout = good_layout()
+    kho = [("compatible", b"kho-v1\0"), ("handover-id", b"x\0")]
+    refused(craft(links_, layout, root_props=kho), r"root FDT: compatible is b'kho-v1\\x00'")
+    no_id = [("compatible", b"khod-v1\0")]
+    refused(craft(links_, layout, root_props=no_id), "root FDT: handover-id is missing")
+    bad_id = [*no_id, ("handover-id", b"\1\2\0")]
+    refused(craft(links_, layout, root_props=bad_id), "handover-id is missing or not printable")
+
+
+@pytest.mark.parametrize(
+    "prop", ["compatible", "instance", "preserved-data", "blob-size", "sha256"]
+)
+def test_missing_link_property(prop: str) -> None:
+    links_, layout = good_layout()
+    links_[1] = link(1, 2 * PAGE, **{prop: None})
+    refused(craft(links_, layout), f"participant 'p1': missing property '{prop}'")
+
+
+@pytest.mark.parametrize(
+    ("prop", "value", "message"),
+    [
+        ("preserved-data", b"\0" * 4, "'preserved-data' is 4 bytes, expected 8"),
+        ("blob-size", b"\0" * 16, "'blob-size' is 16 bytes, expected 8"),
+        ("sha256", b"\0" * 20, "'sha256' is 20 bytes, expected 32"),
+        ("compatible", b"x,y\0", "lacks the 'linux-kho,' prefix"),
+        ("instance", b"\1\2", "neither a u32 cell nor a printable string"),
+        ("restore-after", b"vm-0", "restore-after is not a list of printable names"),
+        ("restore-after", b"a\0\0", "restore-after is not a list of printable names"),
+    ],
+)
+def test_bad_link_property(prop: str, value: bytes, message: str) -> None:
+    links_, layout = good_layout()
+    links_[1] = link(1, 2 * PAGE, **{prop: value})
+    refused(craft(links_, layout), f"participant 'p1': .*{message}")
+
+
+def test_link_and_fragment_disagree() -> None:
+    links_, layout = good_layout()
+    links_[1] = link(1, 2 * PAGE, instance=fdt.encode_instance(9))
+    refused(craft(links_, layout), r"participant 'p1' at offset 0x2000: root instance is 1")
+    links_, layout = good_layout()
+    links_[1] = link(1, 2 * PAGE, compatible=b"linux-kho,x,z\0")
+    refused(craft(links_, layout), r"participant 'p1' at offset 0x2000: root compatible")
+
+
+def test_duplicate_compatible_and_instance_in_links() -> None:
+    links_, layout = good_layout()
+    links_[2] = link(2, 3 * PAGE, instance=fdt.encode_instance(1))
+    refused(craft(links_, layout), "participants 'p1' and 'p2' share compatible and instance")
+
+
+def test_non_zero_padding_and_trailing_bytes() -> None:
+    links_, layout = good_layout()
+    refused(craft(links_, [*layout, (PAGE - 1, b"\1")]), "non-zero byte at offset 0xfff")
+    refused(craft(links_, [*layout, (5 * PAGE, b"\1")]), "non-zero byte at offset 0x5000")
+    assert PayloadImage.parse(craft(links_, layout, size=6 * PAGE)).size == 6 * PAGE
+
+
+def test_bad_parse_arguments() -> None:
+    with pytest.raises(ValueError, match="page_size"):
+        PayloadImage.parse(b"", page_size=0)
+
+
+# -- hostile images ----------------------------------------------------------
+
+IMAGE = assemble(HID, entries(3))
+
+
+def fragments_verify(parsed: PayloadImage) -> None:
+    for ref in parsed.entries:
+        blob = parsed.retrieve(ref.name)
+        assert hashlib.sha256(blob).digest() == ref.sha256
+        validate_fragment(blob, compatible=ref.compatible, instance=ref.instance,
+                          max_size=len(blob))  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.tuples(st.integers(0, len(IMAGE) - 1), st.integers(1, 255)), max_size=4),
+    st.integers(0, len(IMAGE)),
+)
+def test_flips_and_truncations_never_escape_payload_error(
+    flips: list[tuple[int, int]], keep: int
+) -> None:
+    image = bytearray(IMAGE)
+    for at, mask in flips:
+        image[at] ^= mask
+    try:
+        parsed = PayloadImage.parse(bytes(image[:keep]))
+    except PayloadError:
+        return
+    fragments_verify(parsed)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, fdt.read_header(IMAGE).totalsize - 1), st.integers(1, 255))
+def test_flips_in_the_root_never_escape_payload_error(at: int, mask: int) -> None:
+    image = bytearray(IMAGE)
+    image[at] ^= mask
+    try:
+        parsed = PayloadImage.parse(bytes(image))
+    except PayloadError:
+        return
+    fragments_verify(parsed)
