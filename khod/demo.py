@@ -128,13 +128,9 @@ async def outgoing_participant(sim: Sim, broker: str, host: str) -> None:
         await p.frozen()
         # Stay connected until the payload is committed: a participant that
         # vanishes before commit aborts the handover (its will).
-        while (p.handover is None or p.handover.state != "committed") and not _aborted(p):  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-
-
-def _aborted(p: Participant) -> bool:
-    h = p.handover
-    return h is not None and h.state == "idle" and h.abort_reason is not None
+        await p.wait_for_handover(
+            lambda h: h.state == "committed" or (h.state == "idle" and bool(h.abort_reason))
+        )
 
 
 async def incoming_participant(sim: Sim, broker: str, host: str) -> None:
@@ -252,11 +248,12 @@ async def run_demo(n: int, out: Path, console: Console, quiet: bool) -> int:
                     if live is not None:
                         live.update(op.monitor.render())
                 await _settle(tasks)
-                handover = op.monitor.handover or {}
-        if result != "committed":
-            console.print(f"[red]handover aborted:[/] {handover.get('abort_reason')}")
+                handover = op.monitor.handover
+        if result != "committed" or handover is None or handover.payload is None:
+            reason = handover.abort_reason if handover else "no handover state"
+            console.print(f"[red]handover aborted:[/] {reason}")
             return 1
-        payload = handover["payload"]
+        payload = handover.payload
         image_path = out / "payload.kho"
         image = PayloadImage.from_file(image_path)
         console.print(
@@ -295,8 +292,8 @@ async def run_demo(n: int, out: Path, console: Console, quiet: bool) -> int:
 async def _wait_online(op: Operator, side: str = "outgoing", timeout: float = 20) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        d = op.monitor.daemon or {}
-        if d.get("state") == "online" and d.get("side") == side:
+        d = op.monitor.daemon
+        if d is not None and d.state == "online" and d.side == side:
             return
         await asyncio.sleep(0.05)
     raise KhodError("the khod daemon did not come online (see its log in the output directory)")
