@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from khod.errors import RegistrationError
+from khod.fdt import encode_instance
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 COMPATIBLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9,._+-]{0,127}$")
@@ -23,7 +24,7 @@ Instance = int | str
 
 
 def check_name(name: object) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise RegistrationError(
             f"invalid participant name {name!r}: 1-63 characters of [A-Za-z0-9._-], "
             "starting with a letter or digit"
@@ -32,7 +33,7 @@ def check_name(name: object) -> str:
 
 
 def check_compatible(compatible: object) -> str:
-    if not isinstance(compatible, str) or not COMPATIBLE_RE.match(compatible):
+    if not isinstance(compatible, str) or not COMPATIBLE_RE.fullmatch(compatible):
         raise RegistrationError(
             f"invalid compatible {compatible!r}: 1-128 characters of [A-Za-z0-9,._+-], "
             "like 'cloud-hypervisor,vm-v1'"
@@ -43,10 +44,17 @@ def check_compatible(compatible: object) -> str:
 def check_instance(instance: object) -> Instance:
     # bool is an int in Python; True as an instance key is always a mistake.
     if isinstance(instance, int) and not isinstance(instance, bool):
-        if 0 <= instance <= MAX_INSTANCE_INT:
-            return instance
-        raise RegistrationError(f"invalid instance {instance}: integers are 0..{MAX_INSTANCE_INT}")
-    if isinstance(instance, str) and INSTANCE_STR_RE.match(instance):
+        if not 0 <= instance <= MAX_INSTANCE_INT:
+            raise RegistrationError(
+                f"invalid instance {instance}: integers are 0..{MAX_INSTANCE_INT}"
+            )
+        try:
+            # The fragment must be able to carry it unambiguously.
+            encode_instance(instance)
+        except ValueError as exc:
+            raise RegistrationError(f"invalid instance: {exc}") from None
+        return instance
+    if isinstance(instance, str) and INSTANCE_STR_RE.fullmatch(instance):
         return instance
     raise RegistrationError(
         f"invalid instance {instance!r}: an integer 0..{MAX_INSTANCE_INT} "
@@ -55,7 +63,7 @@ def check_instance(instance: object) -> Instance:
 
 
 def check_host(host: object) -> str:
-    if not isinstance(host, str) or not HOST_RE.match(host):
+    if not isinstance(host, str) or not HOST_RE.fullmatch(host):
         raise RegistrationError(
             f"invalid host id {host!r}: 1-63 characters of [A-Za-z0-9._-] (it is a topic level)"
         )
