@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from khod import __version__, backend
 from khod.config import Settings
@@ -170,15 +171,18 @@ class Daemon:
                 if name not in self.out.participants:
                     await self._publish_state(name)
 
-    async def publish_daemon(self, state: str) -> None:
-        status = DaemonStatus(
+    def daemon_status(self, state: Literal["online", "offline"]) -> DaemonStatus:
+        return DaemonStatus(
             version=__version__,
-            state="online" if state == "online" else "offline",
+            state=state,
             side="incoming" if self.inc is not None else "outgoing",
-            pid=None,
+            pid=os.getpid(),
             since=self.started_at,
         )
-        await self.pub.publish(self.topics.daemon, encode(status), retain=True, content_type=JSON)
+
+    async def publish_daemon(self, state: Literal["online", "offline"]) -> None:
+        body = encode(self.daemon_status(state))
+        await self.pub.publish(self.topics.daemon, body, retain=True, content_type=JSON)
 
     def handover_status(self) -> dict[str, Any]:
         if self.inc is not None:
@@ -435,7 +439,7 @@ class Daemon:
     async def _status(self, name: str, req: Any) -> dict[str, Any]:
         names = sorted(set(self.out.participants) | set(self.inc.claims if self.inc else ()))
         return {
-            "daemon": {"version": __version__, "side": "incoming" if self.inc else "outgoing"},
+            "daemon": self.daemon_status("online").model_dump(),
             "handover": self.handover_status(),
             "participants": [self.participant_status(n) for n in names],
         }

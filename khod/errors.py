@@ -65,6 +65,18 @@ class UnknownParticipant(LifecycleError):
     code = "unknown-participant"
 
 
+class NotReady(LifecycleError):
+    """Freezing was asked for while expected participants are not serialized."""
+
+    code = "not-ready"
+
+
+class NothingToHandOver(LifecycleError):
+    """A handover would have no participant."""
+
+    code = "no-participants"
+
+
 class Busy(LifecycleError):
     """The request would change something that is already final (like -EBUSY in KHO)."""
 

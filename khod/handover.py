@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from khod import names
-from khod.errors import Busy, LifecycleError, OrderingError, RegistrationError, UnknownParticipant
+from khod.errors import (
+    Busy,
+    NothingToHandOver,
+    NotReady,
+    OrderingError,
+    RegistrationError,
+    UnknownParticipant,
+)
 from khod.lifecycle import (
     ABORTABLE,
     ACTIVE,
@@ -195,10 +202,21 @@ class Outgoing:
         ]
 
     def counts(self) -> dict[str, int]:
+        """Participants per state: those of the running handover, else all."""
         c = {str(s): 0 for s in ParticipantState}
+        running = self.handover.state in ACTIVE
         for p in self.participants.values():
-            c[str(p.state)] += 1
+            if not running or p.name in self.handover.expected:
+                c[str(p.state)] += 1
         return c
+
+    def waiting(self) -> list[str]:
+        """Who the handover waits for now: to serialize, then to freeze."""
+        if self.handover.state is H.PREPARING:
+            return self.missing()
+        if self.handover.state is H.FREEZING:
+            return self.not_frozen()
+        return []
 
     # -- requests from participants ------------------------------------------
 
@@ -339,11 +357,13 @@ class Outgoing:
         if expect is not None:
             expected = tuple(dict.fromkeys(names.check_name(n) for n in expect))
             if not expected:
-                raise LifecycleError("begin: --expect names no participant")
+                raise NothingToHandOver("begin: --expect names no participant")
         else:
             expected = tuple(sorted(self.participants))
             if not expected:
-                raise LifecycleError("begin: no participant is registered (nothing to hand over)")
+                raise NothingToHandOver(
+                    "begin: no participant is registered (nothing to hand over)"
+                )
         for n in expected:
             p = self.participants.get(n)
             if p is not None:
@@ -371,12 +391,12 @@ class Outgoing:
         handover_next(self.handover.state, HandoverEvent.FREEZE)
         missing = self.missing()
         if missing and not force:
-            raise LifecycleError(
+            raise NotReady(
                 "cannot freeze: not serialized yet: " + ", ".join(missing) + " (use --force "
                 "to leave them out)"
             )
         if len(missing) == len(self.handover.expected):
-            raise LifecycleError("cannot freeze: no participant is serialized")
+            raise NotReady("cannot freeze: no participant is serialized")
         changes = Changes()
         for n in missing:
             p = self.participants.get(n)

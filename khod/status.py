@@ -19,7 +19,7 @@ def outgoing_status(out: Outgoing, *, now: float) -> HandoverStatus:
         deadline=h.deadline,
         expected=list(h.expected),
         counts=out.counts(),
-        missing=out.missing() if h.id else [],
+        missing=out.waiting(),
         may_freeze=out.may_freeze_now(),
         left_out=list(h.left_out),
         abort_reason=h.abort_reason,

@@ -23,7 +23,8 @@ from khod.errors import (
     Busy,
     IllegalTransition,
     KhodError,
-    LifecycleError,
+    NothingToHandOver,
+    NotReady,
     OrderingError,
     RegistrationError,
     UnknownParticipant,
@@ -297,7 +298,7 @@ def test_force_freeze_leaves_out_the_missing() -> None:
     submit(out, "d")
     out.revise("d", now=2.5)  # serialized once, preparing again: missing
 
-    err = refused(out, LifecycleError, lambda: out.freeze(now=3.0))
+    err = refused(out, NotReady, lambda: out.freeze(now=3.0))
     assert "b, d, ghost" in str(err)
     assert "--force" in str(err)
 
@@ -330,7 +331,7 @@ def test_force_freeze_with_nobody_serialized_is_refused() -> None:
     out = three(auto_freeze=False)
     refused(
         out,
-        LifecycleError,
+        NotReady,
         lambda: out.freeze(force=True, now=2.0),
         match="no participant is serialized",
     )
@@ -478,9 +479,9 @@ def test_registration_closing_a_cycle_is_refused() -> None:
 
 def test_begin_is_validated() -> None:
     out = Outgoing()
-    refused(out, LifecycleError, lambda: out.begin("h", deadline=9.0, now=1.0), match="no part")
+    refused(out, NothingToHandOver, lambda: out.begin("h", deadline=9.0, now=1.0), match="no part")
     reg(out, "a")
-    refused(out, LifecycleError, lambda: out.begin("h", deadline=9.0, expect=[], now=1.0))
+    refused(out, NothingToHandOver, lambda: out.begin("h", deadline=9.0, expect=[], now=1.0))
     refused(out, RegistrationError, lambda: out.begin("h", deadline=9, expect=["a b"], now=1))
     out.begin("h", deadline=9.0, now=1.0)
     refused(out, IllegalTransition, lambda: out.begin("h2", deadline=9.0, now=1.0))
