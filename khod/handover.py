@@ -258,7 +258,7 @@ class Outgoing:
         if old is not None and old.state is not P.FAILED:
             # Same identity, still known: a reconnect or a replay. Nothing changes.
             return Changes()
-        if hs in ACTIVE and hs is not H.PREPARING:
+        if hs not in (H.IDLE, H.PREPARING):
             raise Busy(f"registration is closed: the handover is {hs}")
         joins = hs is H.PREPARING and (not self.handover.explicit or name in self.handover.expected)
         if joins:
