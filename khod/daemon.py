@@ -91,11 +91,14 @@ class Daemon:
         publisher: Publisher,
         *,
         clock: Callable[[], float] = time.time,
+        backlog: Callable[[], int] = lambda: 0,
     ) -> None:
         self.settings = settings
         self.store = store
         self.pub = publisher
         self.now = clock
+        self.backlog = backlog
+        self._handover_dirty = False
         self.topics = Topics(settings.host_id)
         self.lock = asyncio.Lock()
         self.out = Outgoing(
@@ -213,9 +216,21 @@ class Daemon:
     async def _publish(self, changes: Changes) -> None:
         if not changes:
             return
-        await self._publish_handover()
         for name in sorted(changes.participants | changes.removed):
             await self._publish_state(name)
+        self._handover_dirty = True
+        await self.flush()
+
+    async def flush(self, *, force: bool = False) -> None:
+        """Publish the handover state, once per burst of requests.
+
+        Every participant subscribes to the handover topic, so each publish
+        costs N deliveries; while more requests wait in the queue, the next
+        one will publish a newer state anyway. Replies are never delayed.
+        """
+        if self._handover_dirty and (force or self.backlog() == 0):
+            self._handover_dirty = False
+            await self._publish_handover()
 
     # -- persisting ----------------------------------------------------------
 
@@ -290,6 +305,7 @@ class Daemon:
                 log.exception("%s %s: internal error", name or "operator", op)
                 err = Reply(op=op, ok=False, error=ErrorBody(code="internal", message=repr(exc)))
                 body, ctype = encode(err), JSON
+            await self.flush()
         if response_topic is None:
             return
         if correlation is not None:
@@ -455,6 +471,8 @@ class Daemon:
                     log.warning("restore deadline passed; unclaimed: %s", self.inc.unclaimed)
                     self._persist_incoming(changes)
                     await self._publish(changes)
+            # A burst that never drained still shows its state within a tick.
+            await self.flush(force=True)
 
     # -- assembly ------------------------------------------------------------
 

@@ -77,6 +77,7 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
             topics.all_control_requests,
             topics.participant_states,
         ],
+        no_local=True,
         will=aiomqtt.Will(
             topics.daemon,
             offline,
@@ -85,7 +86,7 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
             properties=properties(content_type=JSON),
         ),
     )
-    daemon = Daemon(settings, store, conn)
+    daemon = Daemon(settings, store, conn, backlog=conn.backlog)
     daemon.load_incoming(restore)
 
     async def on_message(m: aiomqtt.Message) -> None:

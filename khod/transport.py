@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from khod.errors import ConfigError, RequestTimeout
 
@@ -131,6 +132,8 @@ class Connection:
       on_connect: awaited after each (re)connect, before messages flow, e.g.
         to publish retained state again.
       will: the last will, published by the broker if this process vanishes.
+      no_local: do not receive our own publications on our subscriptions
+        (MQTT v5 No Local), e.g. a daemon that watches the topics it writes.
     """
 
     def __init__(
@@ -143,6 +146,7 @@ class Connection:
         on_connect: ConnectHandler | None = None,
         will: aiomqtt.Will | None = None,
         keepalive: int = 10,
+        no_local: bool = False,
     ) -> None:
         self.url = url
         self.identifier = identifier
@@ -151,6 +155,7 @@ class Connection:
         self.on_connect = on_connect
         self.will = will
         self.keepalive = keepalive
+        self.no_local = no_local
         self.connects = 0
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -160,6 +165,11 @@ class Connection:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    def backlog(self) -> int:
+        """Messages received and not yet handed to on_message."""
+        client = self._client
+        return len(client.messages) if client is not None else 0
 
     def _make_client(self) -> aiomqtt.Client:
         return aiomqtt.Client(
@@ -186,8 +196,9 @@ class Connection:
                     topics = [*self.subscriptions]
                     if self.reply_topic:
                         topics.append(self.reply_topic)
+                    options = SubscribeOptions(qos=1, noLocal=self.no_local)
                     for topic in topics:
-                        await client.subscribe(topic, qos=1)
+                        await client.subscribe(topic, options=options)
                     self.connects += 1
                     if self.on_connect is not None:
                         await self.on_connect()
