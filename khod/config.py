@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     handover_deadline: float = Field(default=300.0, gt=0)
     #: seconds after the kexec until unclaimed fragments are reported and released
     restore_deadline: float = Field(default=600.0, gt=0)
+    #: seconds the daemon's own connection must outlive a participant's will
+    #: for it to count (a broker that shuts down publishes every client's will)
+    gone_grace: float = Field(default=1.0, ge=0, le=600)
     backend: Literal["dir", "exec", "luo"] = "dir"
     #: with backend "exec": argv run after the image is on disk; "{image}" is replaced
     exec_command: list[str] = Field(default_factory=list)

@@ -21,7 +21,6 @@ import logging
 import os
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -53,6 +52,7 @@ from khod.protocol import (
     decode,
     encode,
 )
+from khod.replies import ReplyCache
 from khod.restore import Claim, Incoming
 from khod.status import claim_status, incoming_status, outgoing_status, participant_status
 from khod.store import Store
@@ -60,7 +60,6 @@ from khod.store import Store
 log = logging.getLogger(__name__)
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
-REPLY_CACHE = 4096
 
 
 class Publisher(Protocol):
@@ -92,12 +91,14 @@ class Daemon:
         *,
         clock: Callable[[], float] = time.time,
         backlog: Callable[[], int] = lambda: 0,
+        epoch: Callable[[], int] = lambda: 0,
     ) -> None:
         self.settings = settings
         self.store = store
         self.pub = publisher
         self.now = clock
         self.backlog = backlog
+        self.epoch = epoch
         self._handover_dirty = False
         self.topics = Topics(settings.host_id)
         self.lock = asyncio.Lock()
@@ -109,7 +110,9 @@ class Daemon:
         self.image: PayloadImage | None = None
         self.image_path: Path | None = None
         self.started_at = clock()
-        self._replies: OrderedDict[tuple[str, bytes], tuple[bytes, str]] = OrderedDict()
+        self._replies = ReplyCache()
+        #: participants whose will arrived: name -> (when it counts, bus epoch then)
+        self._vanished: dict[str, tuple[float, int]] = {}
 
     # -- start-up ------------------------------------------------------------
 
@@ -205,7 +208,9 @@ class Daemon:
         p = self.out.participants.get(name)
         if p is None:
             return None
-        return participant_status(p, self.out.handover.id).model_dump()
+        h = self.out.handover
+        taking_part = h.id if name in h.expected else None
+        return participant_status(p, taking_part).model_dump()
 
     async def _publish_state(self, name: str) -> None:
         status = self.participant_status(name)
@@ -272,7 +277,9 @@ class Daemon:
 
     # -- the request path ----------------------------------------------------
 
-    async def handle(self, topic: str, payload: bytes, props: tuple[Any, ...]) -> None:
+    async def handle(
+        self, topic: str, payload: bytes, props: tuple[Any, ...], *, retain: bool = False
+    ) -> None:
         """One message from the bus. Never raises for bad input."""
         _, response_topic, correlation = props
         try:
@@ -280,17 +287,23 @@ class Daemon:
         except ProtocolError:
             await self._stale_state(topic, payload)
             return
-        if response_topic is not None and not self._reply_allowed(name, response_topic):
-            log.warning(
-                "dropping request on %s: response topic %r not allowed", topic, response_topic
-            )
+        if retain:
+            # A retained request would run again at every (re)connect.
+            log.warning("ignoring retained request on %s", topic)
             return
-        key = (response_topic or "", correlation or b"")
-        if response_topic is not None and correlation is not None and key in self._replies:
-            body, ctype = self._replies[key]  # a replay: same answer, no second effect
-            await self.pub.publish(
-                response_topic, body, content_type=ctype, correlation=correlation
-            )
+        if response_topic is not None and not self._reply_allowed(name, response_topic):
+            log.warning("request on %s: response topic %r refused", topic, response_topic)
+            if name is None:
+                return
+            # Tell the participant on its own reply topic, the only one it may read.
+            response_topic = self.topics.reply(name)
+            refusal = ProtocolError(f"response topic must be {response_topic}")
+            await self._reply(response_topic, self._error_reply(op, refusal), JSON, correlation)
+            return
+        key = self._replies.key(topic, payload, response_topic or "", correlation or b"")
+        cached = self._replies.get(key) if response_topic and correlation else None
+        if cached is not None and response_topic is not None:
+            await self._reply(response_topic, *cached, correlation)  # a replay: no second effect
             return
         async with self.lock:
             try:
@@ -299,8 +312,7 @@ class Daemon:
                 raise
             except KhodError as exc:
                 log.info("%s %s refused: %s", name or "operator", op, exc)
-                err = Reply(op=op, ok=False, error=ErrorBody(code=exc.code, message=str(exc)))
-                body, ctype = encode(err), JSON
+                body, ctype = self._error_reply(op, exc), JSON
             except Exception as exc:  # the daemon never dies of one request
                 log.exception("%s %s: internal error", name or "operator", op)
                 err = Reply(op=op, ok=False, error=ErrorBody(code="internal", message=repr(exc)))
@@ -309,16 +321,22 @@ class Daemon:
         if response_topic is None:
             return
         if correlation is not None:
-            self._replies[key] = (body, ctype)
-            while len(self._replies) > REPLY_CACHE:
-                self._replies.popitem(last=False)
-        await self.pub.publish(response_topic, body, content_type=ctype, correlation=correlation)
+            self._replies.put(key, body, ctype)
+        await self._reply(response_topic, body, ctype, correlation)
+
+    async def _reply(self, topic: str, body: bytes, ctype: str, correlation: bytes | None) -> None:
+        await self.pub.publish(topic, body, content_type=ctype, correlation=correlation)
+
+    @staticmethod
+    def _error_reply(op: str, exc: KhodError) -> bytes:
+        return encode(Reply(op=op, ok=False, error=ErrorBody(code=exc.code, message=str(exc))))
 
     def _reply_allowed(self, name: str | None, response_topic: str) -> bool:
         # The daemon may write anywhere under its prefix; never let a request
-        # steer it into writing someone else's state.
+        # steer it into writing someone else's topics.
         if name is None:
-            return response_topic.startswith(self.topics.control_reply(""))
+            client = response_topic.removeprefix(self.topics.control_reply(""))
+            return client != response_topic and bool(client) and "/" not in client
         return response_topic == self.topics.reply(name)
 
     async def _stale_state(self, topic: str, payload: bytes) -> None:
@@ -382,7 +400,8 @@ class Daemon:
             # The last participant's reply waits for the commit, so that its
             # acknowledgement means the payload is on disk.
             await self._assemble_and_commit()
-        return {"participant": self.participant_status(name)}
+        # The last participant learns here whether the payload was committed.
+        return {"participant": self.participant_status(name), "handover": self.handover_status()}
 
     async def _fail(self, name: str, req: Any) -> dict[str, Any]:
         assert isinstance(req, FailRequest)
@@ -392,8 +411,24 @@ class Daemon:
     async def _gone(self, name: str, req: Any) -> dict[str, Any]:
         if self.inc is not None and name in self.inc.claims and name not in self.out.participants:
             return {}  # a restoring component that restarts will retrieve again
-        await self._apply(self.out.gone(name, now=self.now()))
+        self.out.participant(name)  # unknown: say so now
+        # A broker that shuts down cleanly publishes every client's will, then
+        # drops us too. So a will counts only if our own connection outlives
+        # it by the grace period: a crashed participant's does, a broker
+        # restart's does not.
+        self._vanished[name] = (self.now() + self.settings.gone_grace, self.epoch())
         return {}
+
+    async def _expire_gone(self, now: float) -> None:
+        epoch = self.epoch()
+        for name, (when, then) in list(self._vanished.items()):
+            if epoch != then:
+                log.info("ignoring the will of %s: the broker went away at the same time", name)
+                del self._vanished[name]
+            elif when <= now:
+                del self._vanished[name]
+                if name in self.out.participants:
+                    await self._apply(self.out.gone(name, now=now))
 
     async def _finish(self, name: str, req: Any) -> dict[str, Any]:
         inc = self._incoming(name, "finish")
@@ -410,8 +445,8 @@ class Daemon:
     async def _retrieve(self, name: str) -> bytes:
         inc = self._incoming(name, "retrieve")
         assert self.image is not None
-        changes = inc.retrieve(name, now=self.now())
         blob = self.image.retrieve(name)
+        changes = inc.retrieve(name, now=self.now())
         self._persist_incoming(changes)
         await self._publish(changes)
         return blob
@@ -464,6 +499,7 @@ class Daemon:
         """Deadlines: abort a late handover, release a late restore."""
         async with self.lock:
             now = self.now()
+            await self._expire_gone(now)
             await self._apply(self.out.check_deadline(now=now))
             if self.inc is not None:
                 changes = self.inc.check_deadline(now=now)
@@ -502,8 +538,14 @@ class Daemon:
                     p.restore_after,
                 )
             )
-        image = assemble(h.id, entries, base=self.settings.payload_base)
-        manifest = PayloadImage.parse(image, base=self.settings.payload_base).manifest()
+        try:
+            image = assemble(h.id, entries, base=self.settings.payload_base)
+            # Re-read what we built: a payload that would not restore is never committed.
+            manifest = PayloadImage.parse(image, base=self.settings.payload_base).manifest()
+        except KhodError as exc:
+            log.error("assembly failed: %s", exc)
+            await self._apply(self.out.abort(f"assembly failed: {exc}", now=self.now()))
+            return
         try:
             info = await backend.commit(self.settings, image, manifest)
         except KhodError as exc:

@@ -334,7 +334,13 @@ class Outgoing:
         """The participant's connection died (its will message)."""
         p = self._known(name)
         if self.in_handover(name):
-            return self.fail(name, "vanished (connection lost)", now=now)
+            changes = self.fail(name, "vanished (connection lost)", now=now)
+            # It is gone: the next handover must not wait for it.
+            del self.participants[name]
+            changes.removed.add(name)
+            changes.participants.discard(name)
+            changes.transitions.append(Transition(name, "gone", str(p.state), "removed"))
+            return changes
         if self.handover.state is H.COMMITTED:
             return Changes()  # after commit, components going away is expected
         del self.participants[name]
@@ -447,6 +453,10 @@ class Outgoing:
         return changes
 
     # -- internals -----------------------------------------------------------
+
+    def participant(self, name: str) -> Participant:
+        """The registered participant ``name``, or UnknownParticipant."""
+        return self._known(name)
 
     def _known(self, name: str) -> Participant:
         try:

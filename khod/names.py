@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from khod.errors import RegistrationError
-from khod.fdt import encode_instance
+from khod.fdt import KHO_COMPATIBLE_PREFIX, encode_instance
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 COMPATIBLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9,._+-]{0,127}$")
@@ -33,6 +33,11 @@ def check_name(name: object) -> str:
 
 
 def check_compatible(compatible: object) -> str:
+    if isinstance(compatible, str) and compatible.startswith(KHO_COMPATIBLE_PREFIX):
+        raise RegistrationError(
+            f"invalid compatible {compatible!r}: give it without the "
+            f"{KHO_COMPATIBLE_PREFIX!r} prefix, which khod adds in the fragment"
+        )
     if not isinstance(compatible, str) or not COMPATIBLE_RE.fullmatch(compatible):
         raise RegistrationError(
             f"invalid compatible {compatible!r}: 1-128 characters of [A-Za-z0-9,._+-], "

@@ -29,7 +29,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from khod.errors import ProtocolError
 
@@ -116,7 +116,8 @@ class Request(Model):
 
 class RegisterRequest(Request):
     compatible: str = Field(max_length=128)
-    instance: int | str
+    # Strict: JSON true must not become instance 1, nor "7" become 7.
+    instance: StrictInt | StrictStr
     freeze_after: list[str] = Field(default_factory=list, max_length=256)
     restore_after: list[str] = Field(default_factory=list, max_length=256)
 

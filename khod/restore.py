@@ -75,6 +75,8 @@ class Incoming:
         # Edges to participants absent from the payload cannot bind: they were
         # left out of the handover, so nobody will ever finish them.
         graph = {n: [d for d in c.restore_after if d in by_name] for n, c in by_name.items()}
+        for c in by_name.values():
+            c.updated_at = c.updated_at or now
         inc = cls(handover_id, by_name, deadline, started_at=now)
         inc.restore_order = tuple(order(graph, what="restore"))
         return inc

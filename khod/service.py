@@ -33,6 +33,7 @@ from khod.transport import Connection, message_props, properties
 log = logging.getLogger("khod")
 
 TICK = 0.25
+SESSION_EXPIRY = 3600
 
 
 def setup_logging() -> None:
@@ -78,6 +79,8 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
             topics.participant_states,
         ],
         no_local=True,
+        # Requests and wills sent while the daemon restarts wait for it.
+        session_expiry=SESSION_EXPIRY,
         will=aiomqtt.Will(
             topics.daemon,
             offline,
@@ -86,11 +89,18 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
             properties=properties(content_type=JSON),
         ),
     )
-    daemon = Daemon(settings, store, conn, backlog=conn.backlog)
+    daemon = Daemon(
+        settings,
+        store,
+        conn,
+        backlog=conn.backlog,
+        # Changes whenever the connection drops or comes back.
+        epoch=lambda: conn.connects if conn.connected else -1,
+    )
     daemon.load_incoming(restore)
 
     async def on_message(m: aiomqtt.Message) -> None:
-        await daemon.handle(m.topic.value, m.payload, message_props(m))
+        await daemon.handle(m.topic.value, m.payload, message_props(m), retain=m.retain)
 
     conn.on_message = on_message
     conn.on_connect = daemon.publish_all

@@ -32,6 +32,7 @@ def outgoing_status(out: Outgoing, *, now: float) -> HandoverStatus:
 
 
 def participant_status(p: Participant, handover_id: str | None) -> ParticipantStatus:
+    """``handover_id``: the handover it takes part in, None when it takes part in none."""
     return ParticipantStatus(
         name=p.name,
         state=str(p.state),

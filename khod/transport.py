@@ -134,6 +134,10 @@ class Connection:
       will: the last will, published by the broker if this process vanishes.
       no_local: do not receive our own publications on our subscriptions
         (MQTT v5 No Local), e.g. a daemon that watches the topics it writes.
+      session_expiry: keep the session (subscriptions and queued QoS 1
+        messages) this many seconds after a disconnect, so that requests and
+        wills sent while this client restarts wait for it at the broker.
+        Needs a stable ``identifier``.
     """
 
     def __init__(
@@ -147,6 +151,7 @@ class Connection:
         will: aiomqtt.Will | None = None,
         keepalive: int = 10,
         no_local: bool = False,
+        session_expiry: int | None = None,
     ) -> None:
         self.url = url
         self.identifier = identifier
@@ -156,6 +161,7 @@ class Connection:
         self.will = will
         self.keepalive = keepalive
         self.no_local = no_local
+        self.session_expiry = session_expiry
         self.connects = 0
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -172,6 +178,10 @@ class Connection:
         return len(client.messages) if client is not None else 0
 
     def _make_client(self) -> aiomqtt.Client:
+        connect_props = None
+        if self.session_expiry:
+            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            connect_props.SessionExpiryInterval = self.session_expiry
         return aiomqtt.Client(
             self.url.host,
             self.url.port,
@@ -183,6 +193,8 @@ class Connection:
             will=self.will,
             keepalive=self.keepalive,
             timeout=10,
+            clean_start=not self.session_expiry,
+            properties=connect_props,
         )
 
     async def run(self) -> None:

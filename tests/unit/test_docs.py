@@ -30,7 +30,8 @@ from pydantic import BaseModel
 import khod
 from khod import errors, fdt
 from khod.config import Settings
-from khod.daemon import REPLY_CACHE, Daemon
+from khod.daemon import Daemon
+from khod.replies import ReplyCache
 from khod.payload import PayloadImage
 from khod.protocol import (
     DTB,
@@ -77,7 +78,7 @@ REPLY_DATA_SCHEMA = {
     "register": "RegisterReplyData",
     "fragment": "FragmentReplyData",
     "revise": "ParticipantReplyData",
-    "frozen": "ParticipantReplyData",
+    "frozen": "FrozenReplyData",
     "fail": "ParticipantReplyData",
     "gone": "GoneReplyData",
     "finish": "FinishReplyData",
@@ -221,7 +222,9 @@ def test_protocol_md_reply_data_table_covers_every_op(protocol_md: str) -> None:
 
 def test_protocol_md_states_the_limits(protocol_md: str) -> None:
     assert f"{MAX_JSON_BODY} bytes" in protocol_md
-    assert f"last {REPLY_CACHE} replies" in protocol_md
+    cache = ReplyCache()
+    assert f"last {cache.max_entries} replies" in protocol_md
+    assert f"{cache.max_bytes // 2**20} MiB" in protocol_md
     assert "`application/json`" in protocol_md and f"`{DTB}`" in protocol_md and JSON in protocol_md
 
 

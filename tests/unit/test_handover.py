@@ -617,10 +617,11 @@ def test_gone_of_a_member_aborts_and_of_a_bystander_removes() -> None:
     c = out.gone("b", now=2.0)
     assert c.removed == {"b"}
     assert out.handover.state is H.PREPARING
-    out.gone("a", now=3.0)
+    c = out.gone("a", now=3.0)
     assert out.handover.state is H.IDLE
     assert out.handover.abort_reason == "a failed: vanished (connection lost)"
-    assert states(out) == {"a": "registered"}
+    assert states(out) == {}
+    assert c.removed == {"a"} and "a" not in c.participants
 
 
 def test_deadline_abort_names_who_it_was_waiting_for() -> None:
@@ -1075,8 +1076,10 @@ class OutgoingMachine(RuleBasedStateMachine):
         if changes is None:
             return
         if member:
+            # The handover aborts, and the vanished participant is forgotten.
             assert self.out.handover.state is H.IDLE
-            assert name in self.out.participants
+            assert name not in self.out.participants
+            assert name in changes.removed
         elif state is H.COMMITTED:
             assert not changes
         else:
