@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", type=Path)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--dts", action="store_true", help="decode every fragment")
+    p.add_argument(
+        "--base", type=lambda v: int(v, 0), default=0, help="physical base it was built for"
+    )
 
     p = sub.add_parser("demo", help="a whole handover and restore on a private broker")
     p.add_argument("--participants", "-n", type=int, default=16)
@@ -72,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cmd == "inspect":
         from khod.inspect import main as inspect_main
 
-        return inspect_main(args.image, as_json=args.json, dts=args.dts)
+        return inspect_main(args.image, as_json=args.json, dts=args.dts, base=args.base)
     if cmd == "run":
         from khod.service import main as run_main
 

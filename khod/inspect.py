@@ -50,7 +50,7 @@ def _human(path: Path, image: PayloadImage, manifest: dict[str, Any], dts: bool)
             console.print(Text(fdt.to_dts(image.fragment(ref))), end="")
 
 
-def main(image: Path, *, as_json: bool = False, dts: bool = False) -> int:
+def main(image: Path, *, as_json: bool = False, dts: bool = False, base: int = 0) -> int:
     """Verify and show ``image``; return the exit status."""
     try:
         data = Path(image).read_bytes()
@@ -58,7 +58,7 @@ def main(image: Path, *, as_json: bool = False, dts: bool = False) -> int:
         print(f"khod inspect: cannot read {image}: {e.strerror or e}", file=sys.stderr)
         return 2
     try:
-        payload = PayloadImage.parse(data)
+        payload = PayloadImage.parse(data, base=base)
     except PayloadError as e:
         print(f"invalid payload image: {e}", file=sys.stderr)
         if as_json:

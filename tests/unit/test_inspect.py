@@ -123,3 +123,12 @@ def test_console_script(image: Path) -> None:
     assert "sha256 mismatch" in bad.stderr
     missing = subprocess.run([*run, "/nonexistent/x.kho"], capture_output=True, check=False)
     assert missing.returncode == 2
+
+
+def test_inspect_base_option_reads_an_image_built_for_a_physical_base(tmp_path: Path) -> None:
+    blob = fdt.start_storage("test,base-v1", 1).finish_storage()
+    entry = PayloadEntry("p", "test,base-v1", 1, blob, hashlib.sha256(blob).digest())
+    path = tmp_path / "based.kho"
+    path.write_bytes(assemble("00000000-0000-4000-8000-000000000000", [entry], base=0x8000_0000))
+    assert cli.main(["inspect", str(path)]) == 1  # offsets read as from 0: out of bounds
+    assert cli.main(["inspect", str(path), "--base", "0x80000000"]) == 0
