@@ -10,8 +10,6 @@ host must not fall back to a default unnoticed.
 from __future__ import annotations
 
 import os
-import re
-import socket
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -23,15 +21,10 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from khod import names
 from khod.errors import ConfigError, RegistrationError
+from khod.names import default_host_id
 from khod.transport import BrokerURL
 
 _FILE_DATA: ContextVar[dict[str, Any] | None] = ContextVar("khod_config_file", default=None)
-
-
-def default_host_id() -> str:
-    # A hostname may hold characters that are not topic-safe; keep the rest.
-    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:63]
-    return host.lstrip("._-") or "localhost"
 
 
 class _TomlSource(PydanticBaseSettingsSource):

@@ -306,6 +306,9 @@ class Daemon:
             await self._reply(response_topic, *cached, correlation)  # a replay: no second effect
             return
         async with self.lock:
+            if name in self._vanished and op != ParticipantOp.GONE:
+                # A restarted participant: its old connection's will comes first.
+                await self._expire_gone(self.now(), only=name)
             try:
                 body, ctype = await self._dispatch(name, op, payload)
             except StoreError:
@@ -419,13 +422,15 @@ class Daemon:
         self._vanished[name] = (self.now() + self.settings.gone_grace, self.epoch())
         return {}
 
-    async def _expire_gone(self, now: float) -> None:
+    async def _expire_gone(self, now: float, *, only: str | None = None) -> None:
         epoch = self.epoch()
         for name, (when, then) in list(self._vanished.items()):
+            if only is not None and name != only:
+                continue
             if epoch != then:
                 log.info("ignoring the will of %s: the broker went away at the same time", name)
                 del self._vanished[name]
-            elif when <= now:
+            elif when <= now or only is not None:
                 del self._vanished[name]
                 if name in self.out.participants:
                     await self._apply(self.out.gone(name, now=now))

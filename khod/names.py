@@ -10,6 +10,7 @@ node names. Length stays well under the DT limit so a dts stays readable.
 from __future__ import annotations
 
 import re
+import socket
 
 from khod.errors import RegistrationError
 from khod.fdt import KHO_COMPATIBLE_PREFIX, encode_instance
@@ -21,6 +22,12 @@ INSTANCE_STR_RE = re.compile(r"^[\x21-\x7e]{1,64}$")
 MAX_INSTANCE_INT = 2**32 - 1
 
 Instance = int | str
+
+
+def default_host_id() -> str:
+    """The short hostname, made topic-safe: the default host id of daemon and SDK."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:63]
+    return host.lstrip("._-") or "localhost"
 
 
 def check_name(name: object) -> str:

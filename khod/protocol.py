@@ -110,6 +110,12 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Status(BaseModel):
+    # What the daemon publishes: a newer daemon may add fields, and an older
+    # reader must still understand the rest.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
 class Request(Model):
     protocol: int = PROTOCOL_VERSION
 
@@ -153,12 +159,12 @@ REQUEST_MODELS: dict[str, type[Request]] = {
 }
 
 
-class ErrorBody(Model):
+class ErrorBody(Status):
     code: str
     message: str
 
 
-class Reply(Model):
+class Reply(Status):
     protocol: int = PROTOCOL_VERSION
     op: str
     ok: bool
@@ -169,7 +175,7 @@ class Reply(Model):
 # -- retained state ----------------------------------------------------------
 
 
-class DaemonStatus(Model):
+class DaemonStatus(Status):
     protocol: int = PROTOCOL_VERSION
     version: str
     state: Literal["online", "offline"]
@@ -178,7 +184,7 @@ class DaemonStatus(Model):
     since: float | None = None
 
 
-class HandoverStatus(Model):
+class HandoverStatus(Status):
     """The handover (outgoing) or restore (incoming) state of the host.
 
     Participants watch this one topic: ``may_freeze`` lists who may freeze
@@ -207,7 +213,7 @@ class HandoverStatus(Model):
     updated_at: float
 
 
-class ParticipantStatus(Model):
+class ParticipantStatus(Status):
     protocol: int = PROTOCOL_VERSION
     name: str
     state: str

@@ -262,11 +262,27 @@ class Connection:
         props = properties(
             content_type=content_type, response_topic=response_topic, correlation=correlation
         )
+        pub = asyncio.ensure_future(
+            client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        )
+        # aiomqtt keeps waiting for the PUBACK of a connection that is already
+        # gone, until its timeout; give up as soon as the connection drops.
+        lost = getattr(client, "_disconnected", None)
+        if not isinstance(lost, asyncio.Future):
+            lost = asyncio.get_running_loop().create_future()
         try:
-            await client.publish(topic, payload, qos=1, retain=retain, properties=props)
-        except aiomqtt.MqttError as exc:
-            log.info("%s: publish to %s failed: %s", self.identifier, topic, exc)
+            await asyncio.wait({pub, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not pub.done():
+                pub.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await pub
+        exc = None if pub.cancelled() else pub.exception()
+        if pub.cancelled() or isinstance(exc, aiomqtt.MqttError):
+            log.info("%s: publish to %s failed: %s", self.identifier, topic, exc or "disconnected")
             return False
+        if exc is not None:
+            raise exc
         return True
 
     async def request(

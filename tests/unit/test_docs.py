@@ -31,7 +31,6 @@ import khod
 from khod import errors, fdt
 from khod.config import Settings
 from khod.daemon import Daemon
-from khod.replies import ReplyCache
 from khod.payload import PayloadImage
 from khod.protocol import (
     DTB,
@@ -52,6 +51,7 @@ from khod.protocol import (
     Reply,
     Topics,
 )
+from khod.replies import ReplyCache
 from khod.store import Store
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"

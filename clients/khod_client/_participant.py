@@ -1,0 +1,472 @@
+"""The participant: one component's connection to khod, and its requests.
+
+Theory of operation: a ``Participant`` owns one :class:`khod.transport.Connection`
+(its own reconnect loop) subscribed to the host's retained ``handover``
+status and to its own retained ``state``. Every status goes through a
+:class:`~khod_client._events.Tracker`, which decides what it means for this
+participant (began, may freeze, cancelled); the waiting calls sleep until
+the next status and ask the tracker again. Callbacks run one at a time in a
+task of their own, never in the message loop, so a callback may itself call
+``frozen()`` or any other request.
+
+Requests use MQTT v5 request/response with the participant's reply topic;
+the connection re-sends a request under the same correlation data until a
+reply arrives, so a broker restart never loses a fragment (the daemon
+answers a duplicate from its reply cache). The MQTT will is the ``gone``
+request: if the process dies, the broker tells the daemon, which fails the
+participant and aborts the handover it took part in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiomqtt
+
+from khod import fdt, names
+from khod.errors import KhodError, PayloadError, ProtocolError
+from khod.protocol import (
+    DTB,
+    JSON,
+    EmptyRequest,
+    FailRequest,
+    HandoverStatus,
+    ParticipantOp,
+    ParticipantStatus,
+    RegisterRequest,
+    Request,
+    Topics,
+    encode,
+)
+from khod.transport import BrokerURL, Connection, message_props, properties
+from khod_client._events import (
+    Began,
+    Cancelled,
+    Event,
+    FragmentReceipt,
+    HandoverCancelled,
+    MayFreeze,
+    Tracker,
+    lenient,
+    parse_status,
+    reply_data,
+)
+
+log = logging.getLogger("khod_client")
+
+T = TypeVar("T")
+OnFreeze = Callable[[], Awaitable[None] | None]
+OnCancel = Callable[[str], Awaitable[None] | None]
+
+
+def _body(message: aiomqtt.Message) -> bytes:
+    p = message.payload
+    if isinstance(p, bytes | bytearray):
+        return bytes(p)
+    return b"" if p is None else str(p).encode()
+
+
+class Participant:
+    """One component taking part in live updates.
+
+    Use it as an async context manager: entering connects to the broker (and
+    stays connected, reconnecting by itself), leaving disconnects cleanly
+    (without the will: the daemon is not told that it vanished).
+
+    Args:
+      name: the participant's unique name on this host (a topic level and a
+        payload node name, e.g. ``vm-7``).
+
+    Keyword-only arguments:
+      compatible: what its fragment contains, without the ``linux-kho,``
+        prefix, e.g. ``cloud-hypervisor,vm-v1``.
+      instance: which one of its kind (an integer or a short string).
+      broker: ``mqtt://[user[:password]@]host[:port]`` or ``unix:///path``.
+      host_id: the host's id in the topic tree (default: the short hostname,
+        as the daemon's default).
+      freeze_after: participants that must freeze before this one.
+      restore_after: participants that must finish restoring before this one
+        retrieves.
+      request_timeout: seconds to wait for the broker on entry and for each
+        reply (requests are re-sent across reconnects meanwhile).
+      on_freeze: called (and awaited if it returns an awaitable) once per
+        handover when this participant may freeze; it must then freeze and
+        call :meth:`frozen`. The SDK never reports frozen by itself.
+      on_cancel: called with the reason once per handover this participant
+        took part in that is cancelled (aborted, replaced, or left out).
+      identifier: the MQTT client id. The default, ``khod-<host>-p-<name>``,
+        is stable on purpose (docs/protocol.md, "Connecting"): when a
+        participant restarts, the broker takes over the old session and
+        publishes the old connection's will before any request of the new
+        one, instead of seconds later. Two live processes must not share it.
+
+    Callbacks run one at a time, in order, in a task of the participant,
+    outside of the message loop; an exception in one is logged.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        compatible: str,
+        instance: int | str,
+        broker: str = "mqtt://127.0.0.1:1883",
+        host_id: str | None = None,
+        freeze_after: Sequence[str] = (),
+        restore_after: Sequence[str] = (),
+        request_timeout: float = 30.0,
+        on_freeze: OnFreeze | None = None,
+        on_cancel: OnCancel | None = None,
+        identifier: str | None = None,
+    ) -> None:
+        # The daemon's own rules, so that a mistake shows here and not as a refusal later.
+        self.name = names.check_name(name)
+        self.compatible = names.check_compatible(compatible)
+        self.instance = names.check_instance(instance)
+        self.host_id = names.check_host(host_id or names.default_host_id())
+        self.freeze_after = tuple(names.check_name(n) for n in freeze_after)
+        self.restore_after = tuple(names.check_name(n) for n in restore_after)
+        self.request_timeout = request_timeout
+        self.on_freeze = on_freeze
+        self.on_cancel = on_cancel
+        self.topics = Topics(self.host_id)
+        self._tracker = Tracker(self.name)
+        self._state: ParticipantStatus | None = None
+        self._change = asyncio.Event()
+        self._callbacks: asyncio.Queue[tuple[str, Callable[[], Awaitable[None] | None]]] = (
+            asyncio.Queue()
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._conn = Connection(
+            BrokerURL.parse(broker),
+            identifier=identifier or f"khod-{self.host_id}-p-{self.name}",
+            subscriptions=[self.topics.handover, self.topics.state(self.name)],
+            on_message=self._on_message,
+            will=aiomqtt.Will(
+                self.topics.request(self.name, ParticipantOp.GONE),
+                b"{}",
+                qos=1,
+                retain=False,
+                properties=properties(content_type=JSON),
+            ),
+        )
+        self._conn.reply_topic = self.topics.reply(self.name)
+        self._conn.on_connect = self._on_connect
+        self._registered = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        state = self._state.state if self._state else "unknown"
+        return f"<Participant {self.name!r} host={self.host_id!r} state={state}>"
+
+    # -- lifetime ------------------------------------------------------------
+
+    async def __aenter__(self) -> Participant:
+        if self._tasks:
+            raise RuntimeError(f"participant {self.name!r} is already connected")
+        bus = asyncio.create_task(self._conn.run(), name=f"khod_client:{self.name}:bus")
+        bus.add_done_callback(lambda _: self._changed())
+        callbacks = asyncio.create_task(
+            self._run_callbacks(), name=f"khod_client:{self.name}:callbacks"
+        )
+        self._tasks = [bus, callbacks]
+        try:
+            await self._conn.wait_connected(self.request_timeout)
+        except BaseException:
+            await self._stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stop()
+
+    async def _stop(self) -> None:
+        tasks, self._tasks = [*self._tasks, *self._background], []
+        for t in tasks:
+            t.cancel()
+        # Cancelling the bus task leaves aiomqtt's context: a clean DISCONNECT, no will.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._changed()
+
+    def _check_running(self) -> None:
+        if not self._tasks:
+            raise RuntimeError(f"use `async with` on participant {self.name!r} first")
+        bus = self._tasks[0]
+        if bus.done():
+            exc = None if bus.cancelled() else bus.exception()
+            raise KhodError(f"participant {self.name!r}: the broker connection stopped: {exc!r}")
+
+    async def _on_connect(self) -> None:
+        # After a reconnect, register again (harmless when nothing changed): a
+        # broker that went away may have delivered this participant's will, and
+        # the daemon then forgot it or marked it failed.
+        if self._registered and self._conn.connects > 1:
+            task = asyncio.create_task(
+                self._register_again(), name=f"khod_client:{self.name}:register"
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _register_again(self) -> None:
+        try:
+            await self.register()
+        except KhodError as exc:
+            log.warning("%s: registering again after a reconnect failed: %s", self.name, exc)
+
+    # -- what the daemon broadcasts ------------------------------------------
+
+    @property
+    def handover(self) -> HandoverStatus | None:
+        """The latest handover status seen (retained topic or reply)."""
+        return self._tracker.latest
+
+    @property
+    def status(self) -> ParticipantStatus | None:
+        """The latest retained state of this participant seen."""
+        return self._state
+
+    @property
+    def handover_id(self) -> str | None:
+        """The id of the handover this participant takes (or last took) part in."""
+        return self._tracker.current
+
+    async def _on_message(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        try:
+            if topic == self.topics.handover:
+                status = parse_status(HandoverStatus, _body(message))
+                if status is not None:
+                    self._events(self._tracker.observe(status))
+            elif topic == self.topics.state(self.name):
+                self._state = parse_status(ParticipantStatus, _body(message))
+        except KhodError as exc:
+            log.warning("%s: ignoring a bad message on %s: %s", self.name, topic, exc)
+        self._changed()
+
+    def _observe_reply(self, data: dict[str, Any]) -> None:
+        raw = data.get("handover")
+        if isinstance(raw, dict):
+            try:
+                status = lenient(HandoverStatus, raw)
+            except ProtocolError as exc:
+                log.warning("%s: ignoring the handover status of a reply: %s", self.name, exc)
+                return
+            self._events(self._tracker.observe(status, from_reply=True))
+            self._changed()
+
+    def _events(self, events: list[Event]) -> None:
+        for e in events:
+            if isinstance(e, Began):
+                log.info("%s: taking part in handover %s", self.name, e.status.id)
+            elif isinstance(e, MayFreeze):
+                log.info("%s: may freeze in handover %s", self.name, e.status.id)
+                if self.on_freeze is not None:
+                    self._callbacks.put_nowait(("on_freeze", self.on_freeze))
+            elif isinstance(e, Cancelled):
+                log.info("%s: handover %s cancelled: %s", self.name, e.handover_id, e.reason)
+                if self.on_cancel is not None:
+                    self._callbacks.put_nowait(("on_cancel", partial(self.on_cancel, e.reason)))
+
+    async def _run_callbacks(self) -> None:
+        while True:
+            what, call = await self._callbacks.get()
+            try:
+                result = call()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("%s: %s callback failed", self.name, what)
+
+    def _changed(self) -> None:
+        event, self._change = self._change, asyncio.Event()
+        event.set()
+
+    async def _wait(self, ready: Callable[[], T | None]) -> T:
+        """Until ``ready()`` returns something other than None (it may raise)."""
+        while True:
+            self._check_running()
+            change = self._change
+            value = ready()
+            if value is not None:
+                return value
+            await change.wait()
+
+    async def wait_for_handover(
+        self, predicate: Callable[[HandoverStatus], bool]
+    ) -> HandoverStatus:
+        """Until the latest handover status satisfies ``predicate``; that status."""
+
+        def ready() -> HandoverStatus | None:
+            s = self._tracker.latest
+            return s if s is not None and predicate(s) else None
+
+        return await self._wait(ready)
+
+    async def wait_for_begin(self) -> HandoverStatus:
+        """Until a handover that includes this participant is preparing or freezing."""
+        return await self._wait(self._tracker.begun)
+
+    async def wait_for_freeze(self) -> None:
+        """Until this participant may freeze in the handover it takes part in.
+
+        That is the handover it takes part in when called, or else the next
+        one that includes it. Raises :class:`HandoverCancelled` if that
+        handover is cancelled first (or already was).
+        """
+        bound: list[str] = []
+
+        def ready() -> bool | None:
+            if not bound and self._tracker.current is not None:
+                bound.append(self._tracker.current)
+            if not bound:
+                return None
+            hid = bound[0]
+            if hid in self._tracker.cancelled:
+                raise HandoverCancelled(self._tracker.cancelled[hid], hid)
+            return True if self._tracker.freeze_reached(hid) else None
+
+        await self._wait(ready)
+
+    async def wait_for_cancel(self) -> str:
+        """Until the handover this participant takes part in is cancelled; the reason.
+
+        Bound like :meth:`wait_for_freeze`; returns at once if it already was.
+        A committed handover is never cancelled: then this waits for the next.
+        """
+        bound: list[str] = []
+
+        def ready() -> str | None:
+            t = self._tracker
+            if t.current is not None and (
+                not bound or (bound[0] in t.committed and t.current != bound[0])
+            ):
+                bound[:] = [t.current]
+            return t.cancelled.get(bound[0]) if bound else None
+
+        return await self._wait(ready)
+
+    # -- requests ------------------------------------------------------------
+
+    async def _request(self, op: ParticipantOp, body: bytes, content_type: str) -> aiomqtt.Message:
+        self._check_running()
+        return await self._conn.request(
+            self.topics.request(self.name, op),
+            body,
+            content_type=content_type,
+            timeout=self.request_timeout,
+        )
+
+    async def _call(self, op: ParticipantOp, req: Request) -> dict[str, Any]:
+        message = await self._request(op, encode(req), JSON)
+        data = reply_data(op, _body(message))
+        self._observe_reply(data)
+        return data
+
+    async def register(self) -> dict[str, Any]:
+        """Register with the daemon; the reply's data.
+
+        It holds ``participant`` (this participant's state) and ``handover``
+        (the host's). If a handover is preparing and this participant is
+        expected (or no list was given), it joins it at once. Registering
+        again is harmless; once registered, the participant registers again
+        by itself after every reconnect.
+        """
+        data = await self._call(
+            ParticipantOp.REGISTER,
+            RegisterRequest(
+                compatible=self.compatible,
+                instance=self.instance,
+                freeze_after=list(self.freeze_after),
+                restore_after=list(self.restore_after),
+            ),
+        )
+        self._registered = True
+        return data
+
+    def start_storage(self, *, size_hint: int = 1024) -> fdt.FragmentBuilder:
+        """A builder for this participant's fragment (root compatible and instance written)."""
+        return fdt.start_storage(self.compatible, self.instance, size_hint=size_hint)
+
+    async def submit(self, fragment: bytes) -> FragmentReceipt:
+        """Send the fragment (raw FDT bytes); the receipt once it is durable.
+
+        May be called again until this participant reports frozen: the new
+        fragment replaces the old one.
+        """
+        blob = bytes(fragment)
+        message = await self._request(ParticipantOp.FRAGMENT, blob, DTB)
+        data = reply_data(ParticipantOp.FRAGMENT, _body(message))
+        receipt = FragmentReceipt.from_reply(data, fragment=blob)
+        self._observe_reply(data)
+        return receipt
+
+    async def revise(self) -> None:
+        """The state changed: the fragment sent is stale, a new one follows."""
+        await self._call(ParticipantOp.REVISE, EmptyRequest())
+
+    async def frozen(self) -> None:
+        """Report that this participant is frozen (its fragment is final)."""
+        await self._call(ParticipantOp.FROZEN, EmptyRequest())
+
+    async def fail(self, reason: str) -> None:
+        """Report a failure; a handover this participant takes part in aborts."""
+        await self._call(ParticipantOp.FAIL, FailRequest(reason=reason))
+
+    async def retrieve(self) -> bytes:
+        """After a kexec: this participant's fragment from the incoming payload.
+
+        Waits until the daemon restores and this participant may retrieve
+        (participants it restores after have finished), then checks the
+        bytes against the sha256 on its retained state. PayloadError on a
+        mismatch, RemoteError if the daemon refuses.
+        """
+
+        def ready() -> tuple[HandoverStatus, str | None] | None:
+            s = self._tracker.latest
+            if s is None or s.side != "incoming" or s.id is None:
+                return None
+            if self.name not in s.expected:
+                return s, None  # not in the payload: let the daemon say so
+            me = self._state
+            sha = me.fragment_sha256 if me is not None and me.handover_id == s.id else None
+            if sha is None:
+                return None
+            if (
+                s.state == "restoring"
+                and self.name not in s.may_retrieve
+                and me is not None
+                and me.state not in ("retrieved", "finished")
+            ):
+                return None  # it restores after someone who has not finished
+            return s, sha
+
+        status, sha = await self._wait(ready)
+        message = await self._request(ParticipantOp.RETRIEVE, encode(EmptyRequest()), JSON)
+        content_type, _, _ = message_props(message)
+        body = _body(message)
+        if content_type != DTB:
+            reply_data(ParticipantOp.RETRIEVE, body)  # raises RemoteError for an error
+            raise ProtocolError(f"retrieve: expected {DTB}, got a {content_type} reply")
+        got = hashlib.sha256(body).hexdigest()
+        if sha is None or got != sha:
+            raise PayloadError(
+                f"retrieved fragment of {self.name!r} ({len(body)} bytes, sha256 {got}) does "
+                f"not match its recorded sha256 {sha} in handover {status.id}"
+            )
+        return body
+
+    async def finish(self) -> None:
+        """After a kexec: this participant has restored; the payload may be released."""
+        await self._call(ParticipantOp.FINISH, EmptyRequest())

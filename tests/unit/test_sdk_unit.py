@@ -1,0 +1,347 @@
+"""khod_client's pure logic: what a sequence of statuses means, and reply parsing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import khod_client
+from khod.config import Settings
+from khod.errors import ProtocolError, RegistrationError, RemoteError, RequestTimeout
+from khod.protocol import HandoverStatus, ParticipantStatus
+from khod_client import FragmentReceipt, HandoverCancelled, Participant
+from khod_client._events import (
+    Began,
+    Cancelled,
+    MayFreeze,
+    Tracker,
+    lenient,
+    parse_status,
+    reply_data,
+)
+
+ME = "vm-1"
+_clock = iter(range(1, 1_000_000))
+
+
+def status(
+    state: str,
+    hid: str | None = "h1",
+    *,
+    expected: tuple[str, ...] = (ME, "other"),
+    may_freeze: tuple[str, ...] = (),
+    abort_reason: str | None = None,
+    left_out: tuple[str, ...] = (),
+    side: str = "outgoing",
+    updated_at: float | None = None,
+) -> HandoverStatus:
+    return HandoverStatus.model_validate(
+        {
+            "side": side,
+            "id": hid,
+            "state": state,
+            "expected": list(expected),
+            "may_freeze": list(may_freeze),
+            "abort_reason": abort_reason,
+            "left_out": list(left_out),
+            "updated_at": float(next(_clock)) if updated_at is None else updated_at,
+        }
+    )
+
+
+def kinds(events: list[Any]) -> list[str]:
+    return [type(e).__name__ for e in events]
+
+
+# -- the tracker ---------------------------------------------------------------
+
+
+def test_a_whole_handover_gives_began_then_may_freeze_once() -> None:
+    t = Tracker(ME)
+    assert t.observe(status("idle", None)) == []
+    assert t.begun() is None
+    assert kinds(t.observe(status("preparing"))) == ["Began"]
+    assert t.current == "h1" and t.begun() is not None
+    assert t.observe(status("preparing")) == []  # the same status again: nothing new
+    assert t.observe(status("freezing", may_freeze=("other",))) == []
+    assert not t.freeze_reached("h1")
+    events = t.observe(status("freezing", may_freeze=(ME,)))
+    assert kinds(events) == ["MayFreeze"] and t.freeze_reached("h1")
+    assert t.observe(status("freezing", may_freeze=(ME,))) == []  # once per handover
+    assert t.observe(status("frozen")) == []
+    assert t.observe(status("committed")) == []
+    assert t.committed == {"h1"} and not t.live and t.begun() is None
+    # After the commit, nothing is a cancel: not an idle, not a new handover.
+    assert kinds(t.observe(status("preparing", "h2", expected=("other",)))) == []
+    assert t.cancelled == {}
+
+
+def test_abort_cancels_once_with_the_reason_then_a_new_handover_begins() -> None:
+    t = Tracker(ME)
+    t.observe(status("preparing"))
+    events = t.observe(status("idle", abort_reason="operator abort: testing"))
+    assert events == [Cancelled("h1", "operator abort: testing")]
+    assert t.observe(status("idle", abort_reason="operator abort: testing")) == []
+    assert t.begun() is None
+    events = t.observe(status("preparing", "h2"))
+    assert kinds(events) == ["Began"] and t.current == "h2"
+
+
+def test_aborting_state_is_a_cancel_too() -> None:
+    t = Tracker(ME)
+    t.observe(status("freezing"))
+    assert t.observe(status("aborting", abort_reason="vm-2 failed: boom")) == [
+        Cancelled("h1", "vm-2 failed: boom")
+    ]
+    assert t.observe(status("idle", abort_reason="vm-2 failed: boom")) == []
+
+
+def test_an_abort_without_reason_still_cancels() -> None:
+    t = Tracker(ME)
+    t.observe(status("preparing"))
+    [event] = t.observe(status("idle"))
+    assert isinstance(event, Cancelled) and "h1" in event.reason
+
+
+def test_a_missed_abort_is_seen_as_a_replaced_handover() -> None:
+    t = Tracker(ME)
+    t.observe(status("preparing"))
+    events = t.observe(status("preparing", "h2"))
+    assert kinds(events) == ["Cancelled", "Began"]
+    assert isinstance(events[0], Cancelled) and "replaced by handover h2" in events[0].reason
+    assert t.current == "h2"
+
+
+def test_a_new_handover_without_me_cancels_the_old_one_only() -> None:
+    t = Tracker(ME)
+    t.observe(status("preparing"))
+    events = t.observe(status("preparing", "h2", expected=("other",)))
+    assert kinds(events) == ["Cancelled"] and t.current == "h1" and not t.live
+
+
+def test_left_out_by_a_forced_freeze_is_a_cancel() -> None:
+    t = Tracker(ME)
+    t.observe(status("preparing"))
+    events = t.observe(status("freezing", expected=("other",), left_out=(ME,)))
+    assert kinds(events) == ["Cancelled"]
+    assert isinstance(events[0], Cancelled) and "forced freeze" in events[0].reason
+
+
+def test_a_handover_without_me_is_ignored() -> None:
+    t = Tracker(ME)
+    assert t.observe(status("preparing", expected=("other",))) == []
+    assert t.observe(status("freezing", expected=("other",), may_freeze=("other",))) == []
+    assert t.observe(status("idle", abort_reason="x")) == []
+    assert t.current is None and t.cancelled == {}
+
+
+def test_joining_while_freezing_and_allowed_gives_both_events() -> None:
+    t = Tracker(ME)
+    assert kinds(t.observe(status("freezing", may_freeze=(ME,)))) == ["Began", "MayFreeze"]
+
+
+def test_a_stale_status_from_a_reply_is_ignored_but_a_retained_one_is_not() -> None:
+    t = Tracker(ME)
+    old = status("preparing", updated_at=10.0)
+    t.observe(status("idle", "h0", updated_at=20.0))
+    assert t.observe(old, from_reply=True) == []
+    assert t.latest is not None and t.latest.id == "h0"
+    # Retained messages arrive in order: applied even if the clock went back.
+    assert kinds(t.observe(old)) == ["Began"]
+
+
+def test_a_fresh_status_from_a_reply_counts() -> None:
+    t = Tracker(ME)
+    t.observe(status("idle", None, updated_at=1.0))
+    assert kinds(t.observe(status("preparing", updated_at=2.0), from_reply=True)) == ["Began"]
+
+
+def test_the_incoming_side_gives_no_outgoing_events() -> None:
+    t = Tracker(ME)
+    t.observe(status("preparing"))
+    assert t.observe(status("restoring", side="incoming", expected=(ME,))) == []
+    assert t.latest is not None and t.latest.side == "incoming"
+    assert t.begun() is None
+
+
+def test_freeze_reached_after_the_freeze_even_if_may_freeze_was_missed() -> None:
+    t = Tracker(ME)
+    t.observe(status("preparing"))
+    t.observe(status("assembled"))  # reconnected late: everyone already froze
+    assert t.freeze_reached("h1")
+
+
+_ids = st.sampled_from(["h1", "h2", "h3"])
+_states = st.sampled_from(
+    ["idle", "preparing", "freezing", "frozen", "assembled", "committed", "aborting"]
+)
+_statuses = st.builds(
+    lambda hid, state, me_in, me_may, reason: status(
+        state,
+        hid,
+        expected=(ME,) if me_in else ("other",),
+        may_freeze=(ME,) if me_may else (),
+        abort_reason=reason,
+    ),
+    _ids,
+    _states,
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([None, "because"]),
+)
+
+
+@given(st.lists(_statuses, max_size=30))
+def test_events_never_repeat_and_follow_a_begin(seq: list[HandoverStatus]) -> None:
+    t = Tracker(ME)
+    began: list[str] = []
+    freezes: list[str] = []
+    cancels: list[str] = []
+    for s in seq:
+        for e in t.observe(s):
+            if isinstance(e, Began):
+                assert e.status.id is not None and ME in e.status.expected
+                began.append(e.status.id)
+            elif isinstance(e, MayFreeze):
+                assert e.status.id in began and e.status.id not in cancels
+                freezes.append(str(e.status.id))
+            else:
+                assert e.handover_id in began and e.handover_id not in t.committed
+                cancels.append(e.handover_id)
+    assert len(freezes) == len(set(freezes))
+    assert len(cancels) == len(set(cancels))
+
+
+# -- parsing -------------------------------------------------------------------
+
+
+def test_receipt_from_a_reply() -> None:
+    blob = b"\xd0\x0d\xfe\xed" + bytes(60)
+    sha = hashlib.sha256(blob).hexdigest()
+    r = FragmentReceipt.from_reply({"size": 64, "sha256": sha, "handover": {}}, fragment=blob)
+    assert r == FragmentReceipt(64, sha)
+    with pytest.raises(AttributeError):
+        r.size = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {},
+        {"size": 64},
+        {"size": "64", "sha256": "0" * 64},
+        {"size": True, "sha256": "0" * 64},
+        {"size": 0, "sha256": "0" * 64},
+        {"size": 64, "sha256": "0" * 63},
+        {"size": 64, "sha256": "G" * 64},
+    ],
+)
+def test_malformed_receipts_are_refused(data: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError, match="malformed fragment receipt"):
+        FragmentReceipt.from_reply(data)
+
+
+def test_a_receipt_for_other_bytes_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="were sent"):
+        FragmentReceipt.from_reply({"size": 3, "sha256": "0" * 64}, fragment=b"abc")
+
+
+def test_reply_data_and_error_replies() -> None:
+    ok = {"protocol": 1, "op": "register", "ok": True, "data": {"x": 1}, "later": "field"}
+    assert reply_data("register", json.dumps(ok).encode()) == {"x": 1}
+    err = {
+        "protocol": 1,
+        "op": "frozen",
+        "ok": False,
+        "error": {"code": "busy", "message": "no handover"},
+    }
+    with pytest.raises(RemoteError) as info:
+        reply_data("frozen", json.dumps(err).encode())
+    assert info.value.code == "busy" and "no handover" in str(info.value)
+    for garbage in (b"", b"\xff", b"[1]", b'{"op": "x"}'):
+        with pytest.raises(ProtocolError):
+            reply_data("x", garbage)
+
+
+def test_statuses_parse_leniently() -> None:
+    assert parse_status(HandoverStatus, b"") is None
+    s = status("preparing").model_dump()
+    s["added_in_a_later_version"] = True
+    parsed = parse_status(HandoverStatus, json.dumps(s).encode())
+    assert parsed is not None and parsed.state == "preparing"
+    with pytest.raises(ProtocolError, match="HandoverStatus"):
+        parse_status(HandoverStatus, b'{"state": "idle"}')
+    with pytest.raises(ProtocolError, match="not JSON"):
+        parse_status(HandoverStatus, b"{")
+    ps = lenient(
+        ParticipantStatus,
+        {"name": ME, "state": "available", "compatible": "c", "instance": 1, "updated_at": 1},
+    )
+    assert ps.state == "available"
+
+
+# -- the public front ------------------------------------------------------------
+
+
+def test_public_names() -> None:
+    for name in khod_client.__all__:
+        assert hasattr(khod_client, name), name
+    assert {"Participant", "FragmentReceipt", "HandoverCancelled", "RemoteError"} <= set(
+        khod_client.__all__
+    )
+    assert isinstance(khod_client.__version__, str)
+    assert issubclass(HandoverCancelled, khod_client.KhodError)
+    e = HandoverCancelled("why", "h1")
+    assert e.reason == "why" and e.handover_id == "h1" and e.code == "cancelled"
+
+
+def test_participant_arguments_are_checked_early() -> None:
+    with pytest.raises(RegistrationError, match="participant name"):
+        Participant("a/b", compatible="x,y", instance=1)
+    with pytest.raises(RegistrationError, match="host id"):
+        Participant("a", compatible="x,y", instance=1, host_id="h+")
+    with pytest.raises(RegistrationError, match="linux-kho"):
+        Participant("a", compatible="linux-kho,x", instance=1)
+    with pytest.raises(RegistrationError, match="instance"):
+        Participant("a", compatible="x,y", instance=-1)
+    with pytest.raises(RegistrationError, match="participant name"):
+        Participant("a", compatible="x,y", instance=1, freeze_after=["b#"])
+    p = Participant("a", compatible="x,y", instance=1)
+    assert p.host_id == Settings().host_id
+    assert p.topics.reply("a") == f"khod/v1/{p.host_id}/p/a/reply"
+    assert p.handover is None and p.status is None and p.handover_id is None
+    # A stable client id (docs/protocol.md, "Connecting"), unless told otherwise.
+    assert p._conn.identifier == f"khod-{p.host_id}-p-a"
+    assert Participant("a", compatible="x,y", instance=1, identifier="me")._conn.identifier == "me"
+    frag = p.start_storage().finish_storage()
+    assert frag[:4] == b"\xd0\x0d\xfe\xed"
+
+
+async def test_requests_need_a_connection() -> None:
+    p = Participant("a", compatible="x,y", instance=1, host_id="h")
+    with pytest.raises(RuntimeError, match="async with"):
+        await p.register()
+    with pytest.raises(RuntimeError, match="async with"):
+        await p.wait_for_begin()
+
+
+async def test_no_broker_is_a_request_timeout(tmp_path: Path) -> None:
+    p = Participant(
+        "a",
+        compatible="x,y",
+        instance=1,
+        host_id="h",
+        broker=f"unix://{tmp_path}/no-broker.sock",
+        request_timeout=0.3,
+    )
+    with pytest.raises(RequestTimeout, match="no connection"):
+        async with p:
+            pass
+    with pytest.raises(RuntimeError, match="async with"):
+        await p.frozen()  # its tasks are gone
