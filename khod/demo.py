@@ -282,7 +282,7 @@ async def run_demo(n: int, out: Path, console: Console, quiet: bool) -> int:
         f"{n - len(bad)}/{n} fragments verified byte for byte"
     )
     console.print(f"payload: {image_path}  manifest: {image_path.with_suffix('.json')}")
-    console.print(f"inspect it: khod inspect {image_path}")
+    console.print(f"inspect it: {_khod_command()} inspect {image_path}")
     if bad or result != "released":
         console.print(f"[red]restore did not verify:[/] {', '.join(bad) or result}")
         return 1
@@ -349,6 +349,14 @@ def main(n: int = 16, output: Path | None = None, *, quiet: bool = False) -> int
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _khod_command() -> str:
+    """How the user can run khod again: the console script they used, if any."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "khod":
+        return str(argv0) if argv0.parent != Path() else "khod"
+    return f"{sys.executable} -m khod.cli"
 
 
 def _print_logs(console: Console, out: Path) -> None:
