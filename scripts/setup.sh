@@ -35,9 +35,13 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".$extras" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-.venv/bin/python -c 'import khod, khod_client, libfdt, aiomqtt' || {
-    echo "setup: the install did not complete (see pip's output above)" >&2
+# pip and the build backends are chatty; show what they said only if it failed.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+       .venv/bin/python -m pip install -q -e ".$extras"; } >"$log" 2>&1 ||
+   ! .venv/bin/python -c 'import khod, khod_client, libfdt, aiomqtt' 2>>"$log"; then
+    cat "$log" >&2
+    echo "setup: installing khod into .venv failed (pip's output above)" >&2
     exit 1
-}
+fi
