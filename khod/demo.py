@@ -31,11 +31,11 @@ from rich.console import Console
 from rich.live import Live
 
 from khod.broker import PrivateBroker
-from khod.errors import ConfigError, KhodError, RemoteError
+from khod.errors import ConfigError, KhodError
 from khod.monitor import MonitorState
 from khod.payload import PayloadImage
-from khod.protocol import JSON, BeginRequest, ControlOp, Reply, Topics, encode
-from khod.transport import BrokerURL, Connection, client_id
+from khod.protocol import JSON, BeginRequest, ControlOp, Topics, encode, reply_data
+from khod.transport import BrokerURL, Connection, client_id, payload_bytes
 from khod_client import HandoverCancelled, Participant
 
 KINDS = [
@@ -165,11 +165,7 @@ class Operator:
 
     async def control(self, op: ControlOp, body: bytes = b"{}") -> dict[str, Any]:
         m = await self.conn.request(self.topics.control(op), body, content_type=JSON, timeout=30)
-        reply = Reply.model_validate_json(m.payload)
-        if not reply.ok:
-            assert reply.error is not None
-            raise RemoteError(reply.error.code, reply.error.message)
-        return reply.data
+        return reply_data(op, payload_bytes(m))
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Operator]:

@@ -13,18 +13,25 @@ dropped, so an older monitor keeps working against a newer daemon.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from rich.console import Group, RenderableType
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from khod.protocol import DaemonStatus, HandoverStatus, ParticipantStatus, Topics
+from khod.errors import ProtocolError
+from khod.protocol import (
+    DaemonStatus,
+    HandoverStatus,
+    ParticipantStatus,
+    Topics,
+    load_status,
+    parse_status,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -48,22 +55,18 @@ STATE_STYLE = {
 
 
 def parse(model: type[M], payload: bytes) -> M | None:
-    """``payload`` as ``model``, or None if it is not JSON of that shape."""
+    """``payload`` as ``model``, or None if it is empty or not of that shape."""
     try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+        return parse_status(model, payload)
+    except ProtocolError:
         return None
-    return parse_obj(model, data)
 
 
 def parse_obj(model: type[M], data: object) -> M | None:
-    """Decoded JSON as ``model`` (unknown fields dropped), or None."""
-    if not isinstance(data, dict):
-        return None
-    known = {k: v for k, v in data.items() if k in model.model_fields}
+    """Decoded JSON as ``model``, or None."""
     try:
-        return model.model_validate(known)
-    except ValidationError:
+        return load_status(model, data)
+    except ProtocolError:
         return None
 
 

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.live import Live
 
 from khod.config import Settings, load_settings
-from khod.errors import ConfigError, RequestTimeout
+from khod.errors import ConfigError, ProtocolError, RemoteError, RequestTimeout
 from khod.monitor import (
     MonitorState,
     fmt_seconds,
@@ -51,8 +51,9 @@ from khod.protocol import (
     Request,
     Topics,
     encode,
+    reply_data,
 )
-from khod.transport import Connection, client_id
+from khod.transport import Connection, client_id, payload_bytes
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 #: ``monitor --once``: the broker sends retained messages right after the
@@ -141,7 +142,7 @@ async def request(settings: Settings, op: ControlOp, body: Request, timeout: flo
 
     async def on_message(m: aiomqtt.Message) -> None:
         # Only to say more than "no answer" when the daemon is known offline.
-        d = parse(DaemonStatus, _payload(m))
+        d = parse(DaemonStatus, payload_bytes(m))
         if d is not None:
             daemon[:] = [d]
 
@@ -161,14 +162,12 @@ async def request(settings: Settings, op: ControlOp, body: Request, timeout: flo
         with contextlib.suppress(asyncio.CancelledError):
             await bus
     try:
-        reply = Reply.model_validate_json(_payload(message))
-    except ValidationError as exc:
+        data = reply_data(op, payload_bytes(message))
+    except RemoteError as exc:
+        raise Failed(EXIT_REFUSED, str(exc)) from None
+    except ProtocolError as exc:
         raise Failed(EXIT_REFUSED, f"malformed reply from the daemon: {exc}") from None
-    if not reply.ok:
-        err = reply.error
-        code, text = (err.code, err.message) if err else ("error", "refused without a reason")
-        raise Failed(EXIT_REFUSED, f"{code}: {text}")
-    return reply
+    return Reply(op=op, ok=True, data=data)
 
 
 def _no_answer(
@@ -186,13 +185,6 @@ def _no_answer(
     elif not daemon:
         msg += f"; no khod has ever announced itself for host {host!r} on this broker"
     return msg
-
-
-def _payload(m: aiomqtt.Message) -> bytes:
-    p = m.payload
-    if isinstance(p, bytes | bytearray):
-        return bytes(p)
-    return b"" if p is None else str(p).encode()
 
 
 # -- output of the control commands ------------------------------------------------
@@ -261,7 +253,7 @@ async def monitor(args: argparse.Namespace, settings: Settings) -> int:
     changed = asyncio.Event()
 
     async def on_message(m: aiomqtt.Message) -> None:
-        state.ingest(m.topic.value, _payload(m))
+        state.ingest(m.topic.value, payload_bytes(m))
         changed.set()
 
     async def on_connect() -> None:

@@ -26,12 +26,13 @@ which travel as raw FDT bytes (content type ``application/x-dtb``) in the
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from khod.errors import ProtocolError
+from khod.errors import ProtocolError, RemoteError
 
 PROTOCOL_VERSION = 1
 ROOT = "khod/v1"
@@ -235,10 +236,7 @@ def decode(model: type[Request], body: bytes) -> Request:
     try:
         req = model.model_validate_json(body or b"{}")
     except ValidationError as exc:
-        details = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ProtocolError(f"malformed {model.__name__}: {details}") from None
+        raise ProtocolError(f"malformed {model.__name__}: {_details(exc)}") from None
     if req.protocol != PROTOCOL_VERSION:
         raise ProtocolError(
             f"protocol version {req.protocol} is not supported (this daemon speaks "
@@ -249,3 +247,49 @@ def decode(model: type[Request], body: bytes) -> Request:
 
 def encode(model: BaseModel) -> bytes:
     return model.model_dump_json().encode()
+
+
+# -- reading what the daemon publishes -----------------------------------------
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def _details(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+
+
+def load_status(model: type[S], data: object) -> S:
+    """A status (or reply) from decoded JSON; ProtocolError if it is not one.
+
+    Status models ignore fields they do not know, so a reader of an older
+    version keeps working against a newer daemon.
+    """
+    if not isinstance(data, dict):
+        raise ProtocolError(f"malformed {model.__name__}: not a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ProtocolError(f"malformed {model.__name__}: {_details(exc)}") from None
+
+
+def parse_status(model: type[S], body: bytes) -> S | None:
+    """A retained status; None for an empty (deleted) retained message."""
+    if not body:
+        return None
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{model.__name__} is not JSON: {exc}") from None
+    return load_status(model, data)
+
+
+def reply_data(op: str, body: bytes) -> dict[str, Any]:
+    """The ``data`` of a successful JSON reply to ``op``; RemoteError for a refusal."""
+    reply = parse_status(Reply, body)
+    if reply is None:
+        raise ProtocolError(f"empty reply to {op}")
+    if not reply.ok:
+        if reply.error is None:
+            raise RemoteError("error", f"{op} refused without an error body")
+        raise RemoteError(reply.error.code, reply.error.message)
+    return dict(reply.data)

@@ -106,6 +106,14 @@ def message_props(message: aiomqtt.Message) -> tuple[str | None, str | None, byt
     )
 
 
+def payload_bytes(message: aiomqtt.Message) -> bytes:
+    """The payload as bytes (paho may hand over bytearray, str, numbers or None)."""
+    p = message.payload
+    if isinstance(p, bytes | bytearray):
+        return bytes(p)
+    return b"" if p is None else str(p).encode()
+
+
 class Backoff:
     """Exponential reconnect delay, reset by a successful connection."""
 

@@ -24,15 +24,14 @@ are always applied.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from khod.errors import KhodError, ProtocolError, RemoteError
-from khod.protocol import MAX_JSON_BODY, HandoverStatus, Reply
+from khod.errors import KhodError, ProtocolError
+from khod.protocol import HandoverStatus
 
 #: Handover states in which a handover runs and its participants take part.
 RUNNING = frozenset({"preparing", "freezing", "frozen", "assembled"})
@@ -97,53 +96,6 @@ class FragmentReceipt:
 
 
 # -- parsing -----------------------------------------------------------------
-
-
-def lenient(model: type[M], data: Mapping[str, Any]) -> M:
-    """``model`` from ``data``, ignoring fields this version does not know.
-
-    The wire models refuse unknown fields (right for requests the daemon
-    receives); a client reading a newer daemon's status must not break on a
-    field added later. ProtocolError if a known field is missing or wrong.
-    """
-    known = {k: v for k, v in data.items() if k in model.model_fields}
-    try:
-        return model.model_validate(known)
-    except ValidationError as exc:
-        details = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ProtocolError(f"malformed {model.__name__}: {details}") from None
-
-
-def load_json(body: bytes, what: str) -> dict[str, Any]:
-    """A JSON object body; ProtocolError otherwise."""
-    if len(body) > MAX_JSON_BODY:
-        raise ProtocolError(f"{what} of {len(body)} bytes exceeds {MAX_JSON_BODY}")
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{what} is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ProtocolError(f"{what} is not a JSON object: {body[:80]!r}")
-    return data
-
-
-def parse_status(model: type[M], body: bytes) -> M | None:
-    """A retained status, or None for an empty (deleted) retained message."""
-    if not body:
-        return None
-    return lenient(model, load_json(body, model.__name__))
-
-
-def reply_data(op: str, body: bytes) -> dict[str, Any]:
-    """The ``data`` of a JSON reply to ``op``; RemoteError for an error reply."""
-    reply = lenient(Reply, load_json(body, f"reply to {op}"))
-    if not reply.ok:
-        if reply.error is None:
-            raise RemoteError("error", f"{op} refused without an error body")
-        raise RemoteError(reply.error.code, reply.error.message)
-    return dict(reply.data)
 
 
 # -- events ------------------------------------------------------------------

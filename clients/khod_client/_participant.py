@@ -44,8 +44,11 @@ from khod.protocol import (
     Request,
     Topics,
     encode,
+    load_status,
+    parse_status,
+    reply_data,
 )
-from khod.transport import BrokerURL, Connection, message_props, properties
+from khod.transport import BrokerURL, Connection, message_props, payload_bytes, properties
 from khod_client._events import (
     Began,
     Cancelled,
@@ -54,9 +57,6 @@ from khod_client._events import (
     HandoverCancelled,
     MayFreeze,
     Tracker,
-    lenient,
-    parse_status,
-    reply_data,
 )
 
 log = logging.getLogger("khod_client")
@@ -64,13 +64,6 @@ log = logging.getLogger("khod_client")
 T = TypeVar("T")
 OnFreeze = Callable[[], Awaitable[None] | None]
 OnCancel = Callable[[str], Awaitable[None] | None]
-
-
-def _body(message: aiomqtt.Message) -> bytes:
-    p = message.payload
-    if isinstance(p, bytes | bytearray):
-        return bytes(p)
-    return b"" if p is None else str(p).encode()
 
 
 class Participant:
@@ -246,11 +239,11 @@ class Participant:
         topic = message.topic.value
         try:
             if topic == self.topics.handover:
-                status = parse_status(HandoverStatus, _body(message))
+                status = parse_status(HandoverStatus, payload_bytes(message))
                 if status is not None:
                     self._events(self._tracker.observe(status))
             elif topic == self.topics.state(self.name):
-                self._state = parse_status(ParticipantStatus, _body(message))
+                self._state = parse_status(ParticipantStatus, payload_bytes(message))
         except KhodError as exc:
             log.warning("%s: ignoring a bad message on %s: %s", self.name, topic, exc)
         self._changed()
@@ -259,7 +252,7 @@ class Participant:
         raw = data.get("handover")
         if isinstance(raw, dict):
             try:
-                status = lenient(HandoverStatus, raw)
+                status = load_status(HandoverStatus, raw)
             except ProtocolError as exc:
                 log.warning("%s: ignoring the handover status of a reply: %s", self.name, exc)
                 return
@@ -370,7 +363,7 @@ class Participant:
 
     async def _call(self, op: ParticipantOp, req: Request) -> dict[str, Any]:
         message = await self._request(op, encode(req), JSON)
-        data = reply_data(op, _body(message))
+        data = reply_data(op, payload_bytes(message))
         self._observe_reply(data)
         return data
 
@@ -407,7 +400,7 @@ class Participant:
         """
         blob = bytes(fragment)
         message = await self._request(ParticipantOp.FRAGMENT, blob, DTB)
-        data = reply_data(ParticipantOp.FRAGMENT, _body(message))
+        data = reply_data(ParticipantOp.FRAGMENT, payload_bytes(message))
         receipt = FragmentReceipt.from_reply(data, fragment=blob)
         self._observe_reply(data)
         return receipt
@@ -455,7 +448,7 @@ class Participant:
         status, sha = await self._wait(ready)
         message = await self._request(ParticipantOp.RETRIEVE, encode(EmptyRequest()), JSON)
         content_type, _, _ = message_props(message)
-        body = _body(message)
+        body = payload_bytes(message)
         if content_type != DTB:
             reply_data(ParticipantOp.RETRIEVE, body)  # raises RemoteError for an error
             raise ProtocolError(f"retrieve: expected {DTB}, got a {content_type} reply")

@@ -14,16 +14,19 @@ from hypothesis import strategies as st
 import khod_client
 from khod.config import Settings
 from khod.errors import ProtocolError, RegistrationError, RemoteError, RequestTimeout
-from khod.protocol import HandoverStatus, ParticipantStatus
+from khod.protocol import (
+    HandoverStatus,
+    ParticipantStatus,
+    load_status,
+    parse_status,
+    reply_data,
+)
 from khod_client import FragmentReceipt, HandoverCancelled, Participant
 from khod_client._events import (
     Began,
     Cancelled,
     MayFreeze,
     Tracker,
-    lenient,
-    parse_status,
-    reply_data,
 )
 
 ME = "vm-1"
@@ -279,7 +282,7 @@ def test_statuses_parse_leniently() -> None:
         parse_status(HandoverStatus, b'{"state": "idle"}')
     with pytest.raises(ProtocolError, match="not JSON"):
         parse_status(HandoverStatus, b"{")
-    ps = lenient(
+    ps = load_status(
         ParticipantStatus,
         {"name": ME, "state": "available", "compatible": "c", "instance": 1, "updated_at": 1},
     )
