@@ -66,9 +66,17 @@ async def commit(settings: Settings, image: bytes, manifest: dict[str, Any]) -> 
                 *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
             )
         except OSError as exc:
+            withdraw(path)
             raise CommitError(f"cannot run {argv[0]!r}: {exc.strerror}") from None
         out, _ = await proc.communicate()
         if proc.returncode != 0:
+            # The handover aborts: no image of it may stay where a kexec could take it.
+            withdraw(path)
             tail = out.decode(errors="replace").strip()[-500:]
             raise CommitError(f"{argv[0]} exited with {proc.returncode}: {tail}")
     return info
+
+
+def withdraw(image: Path) -> None:
+    for p in (image, manifest_path(image)):
+        p.unlink(missing_ok=True)

@@ -286,3 +286,41 @@ async def test_stale_retained_state_is_cleared(daemon: DaemonProc) -> None:
     async with watcher(url, t.state("ghost")) as latest:
         await asyncio.sleep(0.5)
         assert not latest.get(t.state("ghost")), "a ghost participant's state must be cleared"
+
+
+async def _handover_of_one(d: DaemonProc) -> dict[str, object]:
+    url, host = d.broker.url, d.host_id
+    async with RawClient(url, host, "solo") as c, RawClient(url, host) as op:
+        assert (await c.register(COMPAT, 0))["ok"]
+        assert (await op.op(ControlOp.BEGIN, {"deadline": 60}))["ok"]
+        assert (await c.op(ParticipantOp.FRAGMENT, fragment(0)))["ok"]
+        reply = await c.op(ParticipantOp.FROZEN)
+        assert reply["ok"], reply
+        return reply["data"]["handover"]  # type: ignore[no-any-return]
+
+
+async def test_exec_backend_runs_the_operators_command_on_the_image(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    copy = tmp_path / "handed-to-kexec.kho"
+    command = json.dumps(["sh", "-c", f'cp "$0" {copy}', "{image}"])
+    d = daemon_factory(KHOD_BACKEND="exec", KHOD_EXEC_COMMAND=command)
+    await asyncio.to_thread(d.start)
+    handover = await _handover_of_one(d)
+    assert handover["state"] == "committed"
+    assert copy.read_bytes() == (d.state_dir / "payload.kho").read_bytes()
+    assert PayloadImage.from_file(copy).retrieve("solo") == fragment(0)
+
+
+async def test_a_failing_commit_command_aborts_the_handover(daemon_factory: DaemonFactory) -> None:
+    command = json.dumps(["sh", "-c", "echo kexec refused: no memory >&2; exit 3"])
+    d = daemon_factory(KHOD_BACKEND="exec", KHOD_EXEC_COMMAND=command)
+    await asyncio.to_thread(d.start)
+    handover = await _handover_of_one(d)
+    assert handover["state"] == "idle"
+    reason = str(handover["abort_reason"])
+    assert reason.startswith("commit failed") and "kexec refused: no memory" in reason
+    assert not (d.state_dir / "payload.kho").exists(), "an aborted payload must not stay"
+    async with RawClient(d.broker.url, d.host_id) as op:
+        status = (await op.op(ControlOp.STATUS))["data"]
+    assert [p["state"] for p in status["participants"]] == ["registered"]
