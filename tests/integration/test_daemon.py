@@ -324,3 +324,24 @@ async def test_a_failing_commit_command_aborts_the_handover(daemon_factory: Daem
     async with RawClient(d.broker.url, d.host_id) as op:
         status = (await op.op(ControlOp.STATUS))["data"]
     assert [p["state"] for p in status["participants"]] == ["registered"]
+
+
+async def test_after_a_kexec_the_committed_payload_is_restored_from_the_state_dir(
+    daemon: DaemonProc,
+) -> None:
+    await _handover_of_one(daemon)
+    # Restarted in the same boot: still committed, nothing to restore.
+    daemon.stop()
+    await asyncio.to_thread(daemon.start)
+    async with RawClient(daemon.broker.url, daemon.host_id) as op:
+        assert (await op.op(ControlOp.STATUS))["data"]["handover"]["state"] == "committed"
+    daemon.stop()
+    # The same state directory after a kexec: another boot id.
+    with Store(daemon.state_dir) as store:
+        store.set_meta("boot_id", "a-previous-boot")
+    await asyncio.to_thread(daemon.start)
+    async with RawClient(daemon.broker.url, daemon.host_id, "solo") as c:
+        assert await c.op(ParticipantOp.RETRIEVE) == fragment(0)
+        finished = await c.op(ParticipantOp.FINISH)
+    assert finished["data"]["handover"]["side"] == "incoming"
+    assert finished["data"]["handover"]["state"] == "released"
