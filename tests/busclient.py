@@ -12,12 +12,14 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from khod.errors import RemoteError
 from khod.protocol import (
     DTB,
     JSON,
     ControlOp,
     ParticipantOp,
     RegisterRequest,
+    Request,
     Topics,
 )
 from khod.transport import BrokerURL, Connection, client_id, message_props
@@ -68,6 +70,25 @@ class RawClient:
     async def register(self, compatible: str, instance: int | str, **kw: Any) -> Any:
         req = RegisterRequest(compatible=compatible, instance=instance, **kw)
         return await self.op(ParticipantOp.REGISTER, req.model_dump_json().encode())
+
+
+class OperatorClient(RawClient):
+    """Control requests as a call: ``await op(ControlOp.BEGIN, BeginRequest())``.
+
+    Returns the reply's ``data``; a refusal raises RemoteError with its code.
+    """
+
+    def __init__(self, url: str, host: str) -> None:
+        super().__init__(url, host)
+
+    async def __call__(
+        self, op: ControlOp, req: Request | dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        body = req.model_dump_json().encode() if isinstance(req, Request) else req or {}
+        reply = await self.op(op, body)
+        if not reply["ok"]:
+            raise RemoteError(reply["error"]["code"], reply["error"]["message"])
+        return reply["data"]  # type: ignore[no-any-return]
 
 
 @contextlib.asynccontextmanager

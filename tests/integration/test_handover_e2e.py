@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from khod.payload import PayloadImage
 from khod.protocol import ControlOp, HandoverStatus, ParticipantOp, ParticipantStatus, Topics
 from khod.store import Store
 from khod_client import HandoverCancelled, Participant
-from tests.busclient import RawClient, until, watcher
+from tests.busclient import OperatorClient, RawClient, until, watcher
 from tests.daemonproc import DaemonFactory, DaemonProc
 
 pytestmark = pytest.mark.integration
@@ -38,12 +39,9 @@ def participant(d: DaemonProc, name: str, instance: int, **kw: object) -> Partic
     )
 
 
-async def control(d: DaemonProc, op: ControlOp, body: dict[str, object] | None = None) -> dict:  # type: ignore[type-arg]
-    async with RawClient(d.broker.url, d.host_id) as c:
-        reply = await c.op(op, body or {})
-    if not reply["ok"]:
-        raise RemoteError(reply["error"]["code"], reply["error"]["message"])
-    return reply["data"]  # type: ignore[no-any-return]
+async def control(d: DaemonProc, op: ControlOp, body: dict[str, Any] | None = None) -> Any:
+    async with OperatorClient(d.broker.url, d.host_id) as operator:
+        return await operator(op, body)
 
 
 async def outgoing(p: Participant, revisions: int = 1) -> bytes:

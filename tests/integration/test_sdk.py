@@ -1,6 +1,6 @@
 """khod_client against a real mosquitto and a real ``khod run``: no mocks.
 
-Operator commands are raw MQTT v5 control requests (``Operator`` below), so
+Operator commands are raw MQTT v5 control requests (``tests.busclient.OperatorClient``), so
 these tests depend on the wire contract and the SDK only, not on the CLI.
 The example participant runs as a child process, as someone would run it.
 """
@@ -16,7 +16,6 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -24,25 +23,19 @@ import pytest
 from khod.broker import PrivateBroker
 from khod.payload import PayloadImage
 from khod.protocol import (
-    JSON,
     AbortRequest,
     BeginRequest,
     ControlOp,
-    EmptyRequest,
     FreezeRequest,
     HandoverStatus,
-    Reply,
-    Request,
-    Topics,
-    encode,
 )
-from khod.transport import BrokerURL, Connection, client_id
 from khod_client import (
     FragmentReceipt,
     HandoverCancelled,
     Participant,
     RemoteError,
 )
+from tests.busclient import OperatorClient
 
 if TYPE_CHECKING:
     from conftest import DaemonFactory, DaemonProc
@@ -55,45 +48,9 @@ COMPATIBLE = "khod-test,vm-v1"
 TIMEOUT = 20.0
 
 
-class Operator:
-    """Control requests (begin, freeze, abort, status) over one MQTT connection."""
-
-    def __init__(self, url: str, host: str) -> None:
-        self.topics = Topics(host)
-        self.conn = Connection(BrokerURL.parse(url), identifier=client_id("test-operator"))
-        self.conn.reply_topic = self.topics.control_reply(self.conn.identifier)
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Operator:
-        self._task = asyncio.create_task(self.conn.run(), name="test-operator")
-        await self.conn.wait_connected(10)
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-    async def __call__(self, op: ControlOp, req: Request | None = None) -> dict[str, Any]:
-        msg = await self.conn.request(
-            self.topics.control(op),
-            encode(req or EmptyRequest()),
-            content_type=JSON,
-            timeout=TIMEOUT,
-        )
-        assert isinstance(msg.payload, bytes)
-        reply = Reply.model_validate_json(msg.payload)
-        if not reply.ok:
-            assert reply.error is not None
-            raise RemoteError(reply.error.code, reply.error.message)
-        return reply.data
-
-
 @pytest.fixture
-async def operator(broker: PrivateBroker, host_id: str) -> AsyncIterator[Operator]:
-    async with Operator(broker.url, host_id) as op:
+async def operator(broker: PrivateBroker, host_id: str) -> AsyncIterator[OperatorClient]:
+    async with OperatorClient(broker.url, host_id) as op:
         yield op
 
 
@@ -152,7 +109,7 @@ async def gather(*aws: Awaitable[Any], timeout: float = TIMEOUT) -> list[Any]:
 
 
 async def test_five_participants_hand_over_and_the_daemon_commits(
-    broker: PrivateBroker, host_id: str, daemon: DaemonProc, operator: Operator
+    broker: PrivateBroker, host_id: str, daemon: DaemonProc, operator: OperatorClient
 ) -> None:
     names = [f"vm-{i}" for i in range(5)]
     # vm-0..vm-2 wait for the freeze and report frozen; vm-3 and vm-4 do it from
@@ -211,7 +168,7 @@ async def test_five_participants_hand_over_and_the_daemon_commits(
 
 
 async def test_resubmit_and_revise_replace_the_fragment_until_frozen(
-    broker: PrivateBroker, host_id: str, daemon: DaemonProc, operator: Operator
+    broker: PrivateBroker, host_id: str, daemon: DaemonProc, operator: OperatorClient
 ) -> None:
     async with (
         participant(broker, host_id, "vm-a", 1) as a,
@@ -252,7 +209,7 @@ async def test_resubmit_and_revise_replace_the_fragment_until_frozen(
 
 
 async def test_abort_cancels_every_participant_with_the_reason(
-    broker: PrivateBroker, host_id: str, daemon: DaemonProc, operator: Operator
+    broker: PrivateBroker, host_id: str, daemon: DaemonProc, operator: OperatorClient
 ) -> None:
     names = ["c-0", "c-1", "c-2"]
     heard: dict[str, list[str]] = {n: [] for n in names}
@@ -353,7 +310,7 @@ async def reaping(*procs: asyncio.subprocess.Process) -> AsyncIterator[None]:
 
 
 async def test_a_killed_participant_aborts_the_handover_through_its_will(
-    broker: PrivateBroker, host_id: str, daemon: DaemonProc, operator: Operator
+    broker: PrivateBroker, host_id: str, daemon: DaemonProc, operator: OperatorClient
 ) -> None:
     async with participant(broker, host_id, "survivor", 1) as other:
         await other.register()
@@ -372,7 +329,7 @@ async def test_a_killed_participant_aborts_the_handover_through_its_will(
 
 
 async def test_a_clean_exit_sends_no_will(
-    broker: PrivateBroker, host_id: str, daemon: DaemonProc, operator: Operator
+    broker: PrivateBroker, host_id: str, daemon: DaemonProc, operator: OperatorClient
 ) -> None:
     async with participant(broker, host_id, "stays", 1) as stays:
         await stays.register()
@@ -392,7 +349,7 @@ async def test_a_clean_exit_sends_no_will(
 
 
 async def test_a_restarted_participant_stays_registered(
-    broker: PrivateBroker, host_id: str, daemon: DaemonProc, operator: Operator
+    broker: PrivateBroker, host_id: str, daemon: DaemonProc, operator: OperatorClient
 ) -> None:
     old = await spawn_example(broker, host_id, "--name", "vm-r", "--instance", "1")
     async with reaping(old):
@@ -416,7 +373,11 @@ async def test_a_restarted_participant_stays_registered(
 
 @pytest.mark.parametrize("graceful", [False, True], ids=["broker-crash", "broker-restart"])
 async def test_a_broker_restart_mid_handover_loses_no_fragment(
-    broker: PrivateBroker, host_id: str, daemon: DaemonProc, operator: Operator, graceful: bool
+    broker: PrivateBroker,
+    host_id: str,
+    daemon: DaemonProc,
+    operator: OperatorClient,
+    graceful: bool,
 ) -> None:
     names = ["r-0", "r-1", "r-2"]
     async with contextlib.AsyncExitStack() as stack:
@@ -457,7 +418,7 @@ async def test_restore_gives_back_every_fragment_then_releases(
     host_id: str,
     daemon: DaemonProc,
     daemon_factory: DaemonFactory,
-    operator: Operator,
+    operator: OperatorClient,
 ) -> None:
     names = ["s-0", "s-1", "s-2"]
     # s-2 restores after s-0: it may only retrieve once s-0 has finished.
@@ -510,7 +471,7 @@ async def test_the_example_participant_end_to_end(
     host_id: str,
     daemon: DaemonProc,
     daemon_factory: DaemonFactory,
-    operator: Operator,
+    operator: OperatorClient,
 ) -> None:
     instances = ["11", "12"]
     async with participant(broker, host_id, "observer", 99) as observer:  # never registers
