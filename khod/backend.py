@@ -10,7 +10,10 @@ is missing, rather than failing at the worst moment, the commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -42,39 +45,69 @@ def manifest_path(image: Path) -> Path:
     return image.with_suffix(".json")
 
 
-async def commit(settings: Settings, image: bytes, manifest: dict[str, Any]) -> dict[str, Any]:
+async def commit(
+    settings: Settings, image: bytes, manifest: dict[str, Any], *, timeout: float
+) -> dict[str, Any]:
     """Make the payload durable where the next kernel will find it.
 
-    Returns what the retained handover state shows about the payload.
+    Returns what the retained handover state shows about the payload. On any
+    failure the image is withdrawn (an aborted handover leaves no payload a
+    kexec could take) and CommitError is raised.
     """
     path = settings.payload_path
+    try:
+        return await _commit(settings, path, image, manifest, timeout)
+    except BaseException as exc:
+        withdraw(path)
+        if isinstance(exc, OSError):
+            raise CommitError(f"cannot write {path}: {exc.strerror or exc}") from None
+        if isinstance(exc, KhodError) and not isinstance(exc, CommitError):
+            raise CommitError(str(exc)) from None
+        raise
+
+
+async def _commit(
+    settings: Settings, path: Path, image: bytes, manifest: dict[str, Any], timeout: float
+) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # The image first: a manifest never describes an image that is not there.
     await asyncio.to_thread(atomic_write, path, image)
     await asyncio.to_thread(atomic_write_json, manifest_path(path), manifest)
-    info = {
+    if settings.backend == "exec":
+        await _run(settings.exec_command, path, timeout)
+    return {
         "backend": settings.backend,
         "path": str(path),
         "size": len(image),
         "sha256": hashlib.sha256(image).hexdigest(),
         "participants": len(manifest.get("participants", [])),
     }
-    if settings.backend == "exec":
-        argv = [a.replace("{image}", str(path)) for a in settings.exec_command]
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-            )
-        except OSError as exc:
-            withdraw(path)
-            raise CommitError(f"cannot run {argv[0]!r}: {exc.strerror}") from None
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            # The handover aborts: no image of it may stay where a kexec could take it.
-            withdraw(path)
-            tail = out.decode(errors="replace").strip()[-500:]
-            raise CommitError(f"{argv[0]} exited with {proc.returncode}: {tail}")
-    return info
+
+
+async def _run(command: list[str], image: Path, timeout: float) -> None:
+    argv = [a.replace("{image}", str(image)) for a in command]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            # Its own process group, so that a timeout stops what it spawned too.
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise CommitError(f"cannot run {argv[0]!r}: {exc.strerror}") from None
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except BaseException:
+        # Timed out, or the daemon is stopping: never leave it running behind us.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise CommitError(f"{argv[0]} did not finish within {timeout:g}s") from None
+    if proc.returncode != 0:
+        tail = out.decode(errors="replace").strip()[-500:]
+        raise CommitError(f"{argv[0]} exited with {proc.returncode}: {tail}")
 
 
 def withdraw(image: Path) -> None:

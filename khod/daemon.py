@@ -1,10 +1,10 @@
 """The daemon's request handling: bus -> lifecycle -> store -> payload.
 
 One ``Daemon`` owns the aggregates (``Outgoing`` always, ``Incoming`` after a
-kexec), the store and the publisher. Every request runs under one lock:
-apply to the aggregate, persist in one store transaction, then reply and
-publish. So nothing is acknowledged before it is durable, and the retained
-topics always show states in the order they happened.
+kexec), the store and the announcer. Every request runs under one lock:
+apply to the aggregate, persist in one store transaction, then announce and
+reply. So nothing is acknowledged before it is durable, and the retained
+topics show states in the order they happened.
 
 Bad input never escapes as an exception: every ``KhodError`` becomes an
 error reply with its code; anything unexpected is logged and answered as
@@ -16,23 +16,31 @@ resumes from what is on disk).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from khod import __version__, backend
+from khod import __version__, assembly, backend, names
+from khod.announce import Announcer, Publisher
 from khod.config import Settings
-from khod.errors import Busy, FragmentTooLarge, KhodError, ProtocolError, StoreError
+from khod.errors import (
+    Busy,
+    ConfigError,
+    FragmentTooLarge,
+    KhodError,
+    PayloadError,
+    ProtocolError,
+    StoreError,
+)
 from khod.fragment import validate_fragment
 from khod.handover import Changes, Outgoing, Participant
 from khod.handover import Handover as HandoverRecord
 from khod.lifecycle import HandoverState, HostRestoreState
-from khod.payload import PayloadEntry, PayloadImage, assemble
+from khod.payload import PayloadImage
 from khod.protocol import (
     DTB,
     JSON,
@@ -45,7 +53,9 @@ from khod.protocol import (
     ErrorBody,
     FailRequest,
     FreezeRequest,
+    HandoverStatus,
     ParticipantOp,
+    ParticipantStatus,
     RegisterRequest,
     Reply,
     Topics,
@@ -60,19 +70,6 @@ from khod.store import Store
 log = logging.getLogger(__name__)
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
-
-
-class Publisher(Protocol):
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        retain: bool = False,
-        content_type: str | None = None,
-        response_topic: str | None = None,
-        correlation: bytes | None = None,
-    ) -> bool: ...
 
 
 def boot_id() -> str:
@@ -95,12 +92,10 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.pub = publisher
         self.now = clock
-        self.backlog = backlog
         self.epoch = epoch
-        self._handover_dirty = False
         self.topics = Topics(settings.host_id)
+        self.announce = Announcer(publisher, self.topics, self.handover_status, backlog=backlog)
         self.lock = asyncio.Lock()
         self.out = Outgoing(
             HandoverRecord.from_record(h) if (h := store.load_handover()) else None,
@@ -116,21 +111,33 @@ class Daemon:
 
     # -- start-up ------------------------------------------------------------
 
-    def load_incoming(self, image_path: Path | None) -> None:
-        """Decide whether this boot restores a payload, and load it."""
+    def load_incoming(self, explicit: Path | None) -> None:
+        """Decide whether this boot restores a payload, and load it.
+
+        With ``--restore`` a bad image is a ConfigError (the operator asked
+        for it). Found by itself after a kexec, a missing or corrupt image is
+        logged and recorded, and the daemon starts on the outgoing side:
+        a host must never be stuck unable to begin its next handover.
+        """
         rec = self.store.load_restore()
         h = self.out.handover
-        after_kexec = (
-            h.state is HandoverState.COMMITTED and self.store.get_meta("boot_id") != boot_id()
-        )
-        if image_path is None and rec is not None:
-            image_path = Path(rec["image"])
-        elif image_path is None and after_kexec:
-            image_path = self.settings.payload_path
-        if image_path is None:
+        path = explicit or (Path(rec["image"]) if rec is not None else None)
+        if path is None and h.state is HandoverState.COMMITTED:
+            if self.store.get_meta("boot_id") == boot_id():
+                return  # the same boot: the kexec has not happened yet
+            path = self.settings.payload_path
+        if path is None:
             return
-        self.image = PayloadImage.from_file(image_path, base=self.settings.payload_base)
-        self.image_path = image_path
+        try:
+            self.image = PayloadImage.from_file(path, base=self.settings.payload_base)
+        except (OSError, PayloadError) as exc:
+            what = exc.strerror if isinstance(exc, OSError) else str(exc)
+            if explicit is not None:
+                raise ConfigError(f"cannot restore {path}: {what}") from None
+            log.error("incoming payload %s unusable, not restoring: %s", path, what)
+            self._new_boot(None, detail=f"{path}: {what}")
+            return
+        self.image_path = path
         if rec is not None and rec["handover_id"] == self.image.handover_id:
             self.inc = Incoming.from_record(rec["incoming"])
             return
@@ -139,23 +146,26 @@ class Daemon:
             Claim(e.name, e.compatible, e.instance, e.size, e.sha256.hex(), e.restore_after)
             for e in self.image.entries
         ]
-        self.inc = Incoming.start(
-            self.image.handover_id,
-            claims,
-            deadline=now + self.settings.restore_deadline,
-            now=now,
+        inc = Incoming.start(
+            self.image.handover_id, claims, deadline=now + self.settings.restore_deadline, now=now
         )
+        self._new_boot(inc, detail=str(path))
+
+    def _new_boot(self, inc: Incoming | None, *, detail: str) -> None:
+        """Forget the old boot's components (they register anew) and its handover."""
+        self.inc = inc
         with self.store.transaction():
-            # A new boot: the components of the old one are gone and register anew.
             for name in list(self.out.participants):
                 self.store.delete_participant(name)
                 self.store.delete_fragment(name)
             self.out = Outgoing()
             self.store.save_handover(self.out.handover.to_record())
-            self._save_incoming()
-            self.store.record_transition(
-                "restore", "start", None, str(self.inc.state), detail=str(image_path)
-            )
+            if inc is None:
+                self.store.clear_restore()
+            else:
+                self._save_incoming()
+            state = "failed" if inc is None else str(inc.state)
+            self.store.record_transition("restore", "start", None, state, detail=detail)
 
     async def resume(self) -> None:
         """Finish what a killed daemon left half-done: assembly and commit."""
@@ -165,17 +175,7 @@ class Daemon:
                 log.info("resuming handover %s from %s", self.out.handover.id, state)
                 await self._assemble_and_commit()
 
-    # -- publishing ----------------------------------------------------------
-
-    async def publish_all(self) -> None:
-        await self.publish_daemon("online")
-        await self._publish_handover()
-        for name in self.out.participants:
-            await self._publish_state(name)
-        if self.inc is not None:
-            for name in self.inc.claims:
-                if name not in self.out.participants:
-                    await self._publish_state(name)
+    # -- what is shown -------------------------------------------------------
 
     def daemon_status(self, state: Literal["online", "offline"]) -> DaemonStatus:
         return DaemonStatus(
@@ -186,58 +186,52 @@ class Daemon:
             since=self.started_at,
         )
 
-    async def publish_daemon(self, state: Literal["online", "offline"]) -> None:
-        body = encode(self.daemon_status(state))
-        await self.pub.publish(self.topics.daemon, body, retain=True, content_type=JSON)
-
-    def handover_status(self) -> dict[str, Any]:
+    def handover_status(self) -> HandoverStatus:
         if self.inc is not None:
-            return incoming_status(self.inc, now=self.now()).model_dump()
-        return outgoing_status(self.out, now=self.now()).model_dump()
+            return incoming_status(self.inc, now=self.now())
+        return outgoing_status(self.out, now=self.now())
 
-    async def _publish_handover(self) -> None:
-        if self.inc is not None:
-            body = encode(incoming_status(self.inc, now=self.now()))
-        else:
-            body = encode(outgoing_status(self.out, now=self.now()))
-        await self.pub.publish(self.topics.handover, body, retain=True, content_type=JSON)
-
-    def participant_status(self, name: str) -> dict[str, Any] | None:
+    def participant_status(self, name: str) -> ParticipantStatus | None:
         if self.inc is not None and name in self.inc.claims:
-            return claim_status(self.inc.claims[name], self.inc.handover_id).model_dump()
+            return claim_status(self.inc.claims[name], self.inc.handover_id)
         p = self.out.participants.get(name)
         if p is None:
             return None
         h = self.out.handover
-        taking_part = h.id if name in h.expected else None
-        return participant_status(p, taking_part).model_dump()
+        return participant_status(p, h.id if name in h.expected else None)
 
-    async def _publish_state(self, name: str) -> None:
-        status = self.participant_status(name)
-        # An empty retained message deletes the topic: the participant is gone.
-        body = b"" if status is None else encode_dict(status)
-        await self.pub.publish(self.topics.state(name), body, retain=True, content_type=JSON)
+    async def publish_all(self) -> None:
+        """Everything retained, again: after each (re)connect."""
+        async with self.lock:
+            await self.announce.daemon(self.daemon_status("online"))
+            self.announce.handover_changed()
+            await self.announce.flush(force=True)
+            claims = set(self.inc.claims) if self.inc is not None else set()
+            for name in sorted(set(self.out.participants) | claims):
+                await self.announce.participant(name, self.participant_status(name))
 
-    async def _publish(self, changes: Changes) -> None:
+    async def publish_offline(self) -> None:
+        # Under the lock: a request in flight finishes (and is answered) first.
+        async with self.lock:
+            await self.announce.daemon(self.daemon_status("offline"))
+
+    async def _announce(self, changes: Changes) -> None:
         if not changes:
             return
         for name in sorted(changes.participants | changes.removed):
-            await self._publish_state(name)
-        self._handover_dirty = True
-        await self.flush()
-
-    async def flush(self, *, force: bool = False) -> None:
-        """Publish the handover state, once per burst of requests.
-
-        Every participant subscribes to the handover topic, so each publish
-        costs N deliveries; while more requests wait in the queue, the next
-        one will publish a newer state anyway. Replies are never delayed.
-        """
-        if self._handover_dirty and (force or self.backlog() == 0):
-            self._handover_dirty = False
-            await self._publish_handover()
+            await self.announce.participant(name, self.participant_status(name))
+        self.announce.handover_changed()
+        # A new handover state is a signal (freeze, cancel): it goes out before
+        # the reply to the request that caused it. Counts may wait for the burst.
+        await self.announce.flush(force=any(t.subject == "handover" for t in changes.transitions))
 
     # -- persisting ----------------------------------------------------------
+
+    def _record(self, changes: Changes) -> None:
+        for t in changes.transitions:
+            self.store.record_transition(
+                t.subject, t.event, t.from_state, t.to_state, detail=t.detail
+            )
 
     def _persist(self, changes: Changes, *, fragment: tuple[str, bytes, str] | None = None) -> None:
         with self.store.transaction():
@@ -252,13 +246,10 @@ class Daemon:
                 self.store.delete_fragment(name)
             if fragment is not None:
                 self.store.put_fragment(*fragment)
-            for t in changes.transitions:
-                self.store.record_transition(
-                    t.subject, t.event, t.from_state, t.to_state, detail=t.detail
-                )
+            self._record(changes)
 
     def _save_incoming(self) -> None:
-        assert self.inc is not None and self.image is not None
+        assert self.inc is not None
         self.store.save_restore(
             {
                 "handover_id": self.inc.handover_id,
@@ -267,13 +258,17 @@ class Daemon:
             }
         )
 
-    def _persist_incoming(self, changes: Changes) -> None:
+    async def _apply(
+        self, changes: Changes, *, fragment: tuple[str, bytes, str] | None = None
+    ) -> None:
+        self._persist(changes, fragment=fragment)
+        await self._announce(changes)
+
+    async def _apply_incoming(self, changes: Changes) -> None:
         with self.store.transaction():
             self._save_incoming()
-            for t in changes.transitions:
-                self.store.record_transition(
-                    t.subject, t.event, t.from_state, t.to_state, detail=t.detail
-                )
+            self._record(changes)
+        await self._announce(changes)
 
     # -- the request path ----------------------------------------------------
 
@@ -298,48 +293,41 @@ class Daemon:
             # Tell the participant on its own reply topic, the only one it may read.
             response_topic = self.topics.reply(name)
             refusal = ProtocolError(f"response topic must be {response_topic}")
-            await self._reply(response_topic, self._error_reply(op, refusal), JSON, correlation)
+            await self.announce.reply(response_topic, _error(op, refusal), JSON, correlation)
             return
         key = self._replies.key(topic, payload, response_topic or "", correlation or b"")
         cached = self._replies.get(key) if response_topic and correlation else None
         if cached is not None and response_topic is not None:
-            await self._reply(response_topic, *cached, correlation)  # a replay: no second effect
+            await self.announce.reply(response_topic, *cached, correlation)  # a replay
             return
         async with self.lock:
-            if name in self._vanished and op != ParticipantOp.GONE:
-                # A restarted participant: its old connection's will comes first.
-                await self._expire_gone(self.now(), only=name)
             try:
-                body, ctype = await self._dispatch(name, op, payload)
+                if name in self._vanished and op != ParticipantOp.GONE:
+                    # A restarted participant: its old connection's will comes first.
+                    await self._expire_gone(self.now(), only=name)
+                body, ctype = await self._dispatch(name, op, payload, will=response_topic is None)
             except StoreError:
                 raise
             except KhodError as exc:
                 log.info("%s %s refused: %s", name or "operator", op, exc)
-                body, ctype = self._error_reply(op, exc), JSON
+                body, ctype = _error(op, exc), JSON
             except Exception as exc:  # the daemon never dies of one request
                 log.exception("%s %s: internal error", name or "operator", op)
                 err = Reply(op=op, ok=False, error=ErrorBody(code="internal", message=repr(exc)))
                 body, ctype = encode(err), JSON
-            await self.flush()
+            await self.announce.flush()
         if response_topic is None:
             return
         if correlation is not None:
             self._replies.put(key, body, ctype)
-        await self._reply(response_topic, body, ctype, correlation)
-
-    async def _reply(self, topic: str, body: bytes, ctype: str, correlation: bytes | None) -> None:
-        await self.pub.publish(topic, body, content_type=ctype, correlation=correlation)
-
-    @staticmethod
-    def _error_reply(op: str, exc: KhodError) -> bytes:
-        return encode(Reply(op=op, ok=False, error=ErrorBody(code=exc.code, message=str(exc))))
+        await self.announce.reply(response_topic, body, ctype, correlation)
 
     def _reply_allowed(self, name: str | None, response_topic: str) -> bool:
         # The daemon may write anywhere under its prefix; never let a request
-        # steer it into writing someone else's topics.
+        # steer it into writing someone else's topics (or a wildcard).
         if name is None:
             client = response_topic.removeprefix(self.topics.control_reply(""))
-            return client != response_topic and bool(client) and "/" not in client
+            return client != response_topic and names.HOST_RE.fullmatch(client) is not None
         return response_topic == self.topics.reply(name)
 
     async def _stale_state(self, topic: str, payload: bytes) -> None:
@@ -347,23 +335,30 @@ class Daemon:
         prefix, suffix = self.topics.prefix + "/p/", "/state"
         if not (payload and topic.startswith(prefix) and topic.endswith(suffix)):
             return
-        name = topic[len(prefix) : -len(suffix)]
-        if self.participant_status(name) is None:
-            await self.pub.publish(topic, b"", retain=True)
+        if self.participant_status(topic[len(prefix) : -len(suffix)]) is None:
+            await self.announce.clear(topic)
 
-    async def _dispatch(self, name: str | None, op: str, payload: bytes) -> tuple[bytes, str]:
+    async def _dispatch(
+        self, name: str | None, op: str, payload: bytes, *, will: bool
+    ) -> tuple[bytes, str]:
         # Fragments travel raw both ways; everything else is a JSON body.
         if name is not None and op == ParticipantOp.FRAGMENT:
             return await self._fragment(name, payload)
         if name is not None and op == ParticipantOp.RETRIEVE:
             decode(EmptyRequest, payload)
             return await self._retrieve(name), DTB
+        if name is not None and op == ParticipantOp.GONE:
+            decode(EmptyRequest, payload)
+            return _ok(op, await self._gone(name, will=will)), JSON
         handler = (CONTROL_OPS if name is None else PARTICIPANT_OPS).get(op)
         if handler is None:
             raise ProtocolError(f"unknown operation {op!r}")
         req = decode(REQUEST_MODELS.get(op, EmptyRequest), payload)
-        data = await handler(self, name or "", req)
-        return encode(Reply(op=op, ok=True, data=data)), JSON
+        return _ok(op, await handler(self, name or "", req)), JSON
+
+    def _dump(self, name: str) -> dict[str, Any] | None:
+        status = self.participant_status(name)
+        return None if status is None else status.model_dump()
 
     # -- participant operations ----------------------------------------------
 
@@ -378,7 +373,7 @@ class Daemon:
             now=self.now(),
         )
         await self._apply(changes)
-        return {"participant": self.participant_status(name), "handover": self.handover_status()}
+        return {"participant": self._dump(name), "handover": self.handover_status().model_dump()}
 
     async def _fragment(self, name: str, blob: bytes) -> tuple[bytes, str]:
         limit = self.settings.max_fragment_size
@@ -389,32 +384,36 @@ class Daemon:
         info = validate_fragment(blob, compatible=p.compatible, instance=p.instance, max_size=limit)
         changes = self.out.submit(name, info.size, info.sha256_hex, now=self.now())
         await self._apply(changes, fragment=(name, blob, info.sha256_hex))
-        data = {"size": info.size, "sha256": info.sha256_hex, "handover": self.handover_status()}
-        return encode(Reply(op=ParticipantOp.FRAGMENT, ok=True, data=data)), JSON
+        handover = self.handover_status().model_dump()
+        data = {"size": info.size, "sha256": info.sha256_hex, "handover": handover}
+        return _ok(ParticipantOp.FRAGMENT, data), JSON
 
     async def _revise(self, name: str, req: Any) -> dict[str, Any]:
         await self._apply(self.out.revise(name, now=self.now()))
-        return {"participant": self.participant_status(name)}
+        return {"participant": self._dump(name)}
 
     async def _frozen(self, name: str, req: Any) -> dict[str, Any]:
         changes = self.out.frozen(name, now=self.now())
         await self._apply(changes)
         if changes.assemble:
             # The last participant's reply waits for the commit, so that its
-            # acknowledgement means the payload is on disk.
+            # acknowledgement means the payload is on disk, and says how it went.
             await self._assemble_and_commit()
-        # The last participant learns here whether the payload was committed.
-        return {"participant": self.participant_status(name), "handover": self.handover_status()}
+        return {"participant": self._dump(name), "handover": self.handover_status().model_dump()}
 
     async def _fail(self, name: str, req: Any) -> dict[str, Any]:
         assert isinstance(req, FailRequest)
         await self._apply(self.out.fail(name, req.reason, now=self.now()))
-        return {"participant": self.participant_status(name)}
+        return {"participant": self._dump(name)}
 
-    async def _gone(self, name: str, req: Any) -> dict[str, Any]:
+    async def _gone(self, name: str, *, will: bool) -> dict[str, Any]:
         if self.inc is not None and name in self.inc.claims and name not in self.out.participants:
             return {}  # a restoring component that restarts will retrieve again
         self.out.participant(name)  # unknown: say so now
+        if not will:
+            # Said on purpose, with a reply expected: acknowledged means done.
+            await self._apply(self.out.gone(name, now=self.now()))
+            return {}
         # A broker that shuts down cleanly publishes every client's will, then
         # drops us too. So a will counts only if our own connection outlives
         # it by the grace period: a crashed participant's does, a broker
@@ -435,13 +434,6 @@ class Daemon:
                 if name in self.out.participants:
                     await self._apply(self.out.gone(name, now=now))
 
-    async def _finish(self, name: str, req: Any) -> dict[str, Any]:
-        inc = self._incoming(name, "finish")
-        changes = inc.finish(name, now=self.now())
-        self._persist_incoming(changes)
-        await self._publish(changes)
-        return {"participant": self.participant_status(name), "handover": self.handover_status()}
-
     def _incoming(self, name: str, what: str) -> Incoming:
         if self.inc is None:
             raise Busy(f"{name!r} cannot {what}: this host has no incoming payload")
@@ -450,11 +442,15 @@ class Daemon:
     async def _retrieve(self, name: str) -> bytes:
         inc = self._incoming(name, "retrieve")
         assert self.image is not None
+        changes = inc.retrieve(name, now=self.now())  # the lifecycle decides first
         blob = self.image.retrieve(name)
-        changes = inc.retrieve(name, now=self.now())
-        self._persist_incoming(changes)
-        await self._publish(changes)
+        await self._apply_incoming(changes)
         return blob
+
+    async def _finish(self, name: str, req: Any) -> dict[str, Any]:
+        changes = self._incoming(name, "finish").finish(name, now=self.now())
+        await self._apply_incoming(changes)
+        return {"participant": self._dump(name), "handover": self.handover_status().model_dump()}
 
     # -- operator operations -------------------------------------------------
 
@@ -462,42 +458,45 @@ class Daemon:
         assert isinstance(req, BeginRequest)
         if self.inc is not None and self.inc.state is not HostRestoreState.RELEASED:
             raise Busy("cannot begin: the incoming payload is still being restored")
-        deadline = req.deadline or self.settings.handover_deadline
         now = self.now()
         changes = self.out.begin(
             str(uuid.uuid4()),
-            deadline=now + deadline,
+            deadline=now + (req.deadline or self.settings.handover_deadline),
             expect=req.expect,
             auto_freeze=req.auto_freeze,
             now=now,
         )
-        if self.inc is not None:
-            self.inc = self.image = None
-            self.store.clear_restore()
-        await self._apply(changes)
-        return {"handover": self.handover_status()}
+        leaving_restore = self.inc is not None
+        with self.store.transaction():
+            if leaving_restore:
+                self.store.clear_restore()
+            self._persist(changes)
+        if leaving_restore:
+            self.inc = self.image = self.image_path = None
+            await self.announce.daemon(self.daemon_status("online"))
+        await self._announce(changes)
+        return {"handover": self.handover_status().model_dump()}
 
     async def _freeze(self, name: str, req: Any) -> dict[str, Any]:
         assert isinstance(req, FreezeRequest)
-        h = self.out.handover
-        left_before = set(h.left_out)
+        left_before = set(self.out.handover.left_out)
         await self._apply(self.out.freeze(force=req.force, now=self.now()))
         return {
-            "handover": self.handover_status(),
+            "handover": self.handover_status().model_dump(),
             "left_out": sorted(set(self.out.handover.left_out) - left_before),
         }
 
     async def _abort(self, name: str, req: Any) -> dict[str, Any]:
         assert isinstance(req, AbortRequest)
         await self._apply(self.out.abort(req.reason, now=self.now()))
-        return {"handover": self.handover_status()}
+        return {"handover": self.handover_status().model_dump()}
 
     async def _status(self, name: str, req: Any) -> dict[str, Any]:
-        names = sorted(set(self.out.participants) | set(self.inc.claims if self.inc else ()))
+        everyone = sorted(set(self.out.participants) | set(self.inc.claims if self.inc else ()))
         return {
             "daemon": self.daemon_status("online").model_dump(),
-            "handover": self.handover_status(),
-            "participants": [self.participant_status(n) for n in names],
+            "handover": self.handover_status().model_dump(),
+            "participants": [self._dump(n) for n in everyone],
         }
 
     async def tick(self) -> None:
@@ -510,49 +509,26 @@ class Daemon:
                 changes = self.inc.check_deadline(now=now)
                 if changes:
                     log.warning("restore deadline passed; unclaimed: %s", self.inc.unclaimed)
-                    self._persist_incoming(changes)
-                    await self._publish(changes)
+                    await self._apply_incoming(changes)
             # A burst that never drained still shows its state within a tick.
-            await self.flush(force=True)
+            await self.announce.flush(force=True)
 
-    # -- assembly ------------------------------------------------------------
-
-    async def _apply(
-        self, changes: Changes, *, fragment: tuple[str, bytes, str] | None = None
-    ) -> None:
-        self._persist(changes, fragment=fragment)
-        await self._publish(changes)
+    # -- the last step -------------------------------------------------------
 
     async def _assemble_and_commit(self) -> None:
         h = self.out.handover
-        assert h.id is not None
         if h.state is HandoverState.FROZEN:
             self._persist(self.out.assembled())
-        entries = []
-        for p in self.out.payload_order():
-            blob = self.store.get_fragment(p.name)
-            if blob is None or p.fragment_sha256 is None:
-                raise StoreError(f"fragment of {p.name!r} is missing from the store")
-            entries.append(
-                PayloadEntry(
-                    p.name,
-                    p.compatible,
-                    p.instance,
-                    blob,
-                    bytes.fromhex(p.fragment_sha256),
-                    p.restore_after,
-                )
-            )
         try:
-            image = assemble(h.id, entries, base=self.settings.payload_base)
-            # Re-read what we built: a payload that would not restore is never committed.
-            manifest = PayloadImage.parse(image, base=self.settings.payload_base).manifest()
+            image, manifest = assembly.build(self.out, self.store, base=self.settings.payload_base)
         except KhodError as exc:
             log.error("assembly failed: %s", exc)
             await self._apply(self.out.abort(f"assembly failed: {exc}", now=self.now()))
             return
+        # The operator's command may not hold the handover past its deadline.
+        timeout = max(1.0, (h.deadline or 0) - self.now())
         try:
-            info = await backend.commit(self.settings, image, manifest)
+            info = await backend.commit(self.settings, image, manifest, timeout=timeout)
         except KhodError as exc:
             log.error("commit failed: %s", exc)
             await self._apply(self.out.abort(f"commit failed: {exc}", now=self.now()))
@@ -562,8 +538,16 @@ class Daemon:
         with self.store.transaction():
             self.store.set_meta("boot_id", boot_id())
             self._persist(changes)
-        await self._publish(changes)
+        await self._announce(changes)
         log.info("handover %s committed: %s", h.id, info)
+
+
+def _ok(op: str, data: dict[str, Any]) -> bytes:
+    return encode(Reply(op=op, ok=True, data=data))
+
+
+def _error(op: str, exc: KhodError) -> bytes:
+    return encode(Reply(op=op, ok=False, error=ErrorBody(code=exc.code, message=str(exc))))
 
 
 Handler = Callable[[Daemon, str, Any], Awaitable[dict[str, Any]]]
@@ -572,7 +556,6 @@ PARTICIPANT_OPS: dict[str, Handler] = {
     ParticipantOp.REVISE: Daemon._revise,
     ParticipantOp.FROZEN: Daemon._frozen,
     ParticipantOp.FAIL: Daemon._fail,
-    ParticipantOp.GONE: Daemon._gone,
     ParticipantOp.FINISH: Daemon._finish,
 }
 CONTROL_OPS: dict[str, Handler] = {
@@ -581,7 +564,3 @@ CONTROL_OPS: dict[str, Handler] = {
     ControlOp.ABORT: Daemon._abort,
     ControlOp.STATUS: Daemon._status,
 }
-
-
-def encode_dict(d: dict[str, Any]) -> bytes:
-    return json.dumps(d, separators=(",", ":")).encode()

@@ -418,7 +418,11 @@ class Outgoing:
         changes = Changes()
         self._handover(changes, HandoverEvent.ABORT, detail=reason)
         self.handover.abort_reason = reason
+        members = set(self.handover.expected)
         for p in self.participants.values():
+            # A bystander that failed stays failed until it registers again.
+            if p.state is P.FAILED and p.name not in members:
+                continue
             if p.state is not P.REGISTERED or p.fragment_sha256 is not None:
                 self._participant(changes, p, ParticipantEvent.CANCEL, now, detail="abort")
                 p.fragment_size = p.fragment_sha256 = None

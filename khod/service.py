@@ -1,10 +1,10 @@
 """``khod run``: wiring of config, store, bus and daemon into one process.
 
 Everything runs in one asyncio TaskGroup with named tasks: ``bus`` (the
-broker connection and its reconnect loop), ``deadlines`` (handover and
-restore deadlines, systemd STATUS), ``watchdog`` (systemd WATCHDOG=1 when
-asked for). SIGTERM/SIGINT stop it cleanly: the state stays on disk and the
-retained daemon topic says offline. A crash says offline too, through the
+broker connection and its reconnect loop) and ``deadlines`` (handover and
+restore deadlines, systemd STATUS and WATCHDOG=1 when asked for).
+SIGTERM/SIGINT stop it cleanly: the state stays on disk and the retained
+daemon topic says offline. A crash says offline too, through the
 broker-held will.
 """
 
@@ -116,9 +116,6 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
             tg.create_task(conn.run(), name="bus"),
             tg.create_task(_deadlines(daemon), name="deadlines"),
         ]
-        interval = sdnotify.watchdog_interval()
-        if interval:
-            tasks.append(tg.create_task(_watchdog(interval), name="watchdog"))
         with contextlib.suppress(KhodError):
             await conn.wait_connected(30)
         sdnotify.notify("READY=1", f"STATUS=khod {__version__} on {settings.broker_url}")
@@ -133,28 +130,30 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
         sdnotify.notify("STOPPING=1")
         log.info("stopping")
         # Said explicitly: a clean disconnect does not fire the will.
-        await daemon.publish_daemon("offline")
+        await daemon.publish_offline()
         for t in tasks:
             t.cancel()
     return 0
 
 
 async def _deadlines(daemon: Daemon) -> None:
+    """Deadlines, systemd STATUS, and the watchdog.
+
+    The watchdog is fed from here, after a tick that took the daemon's lock:
+    a daemon wedged inside a request stops feeding it and systemd restarts it.
+    """
     last = ""
+    watchdog = sdnotify.watchdog_interval() is not None
     while True:
         await daemon.tick()
+        if watchdog:
+            sdnotify.notify("WATCHDOG=1")
         status = daemon.handover_status()
-        line = f"STATUS=handover {status['id'] or '-'}: {status['state']}"
+        line = f"STATUS=handover {status.id or '-'}: {status.state}"
         if line != last:
             sdnotify.notify(line)
             last = line
         await asyncio.sleep(TICK)
-
-
-async def _watchdog(interval: float) -> None:
-    while True:
-        sdnotify.notify("WATCHDOG=1")
-        await asyncio.sleep(interval)
 
 
 def main(config: Path | None, *, restore: Path | None = None) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -83,8 +84,11 @@ def properties(
     content_type: str | None = None,
     response_topic: str | None = None,
     correlation: bytes | None = None,
+    expiry: float | None = None,
 ) -> Properties:
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if expiry is not None:
+        props.MessageExpiryInterval = max(1, math.ceil(expiry))
     if content_type:
         props.ContentType = content_type
     if response_topic:
@@ -261,6 +265,7 @@ class Connection:
         content_type: str | None = None,
         response_topic: str | None = None,
         correlation: bytes | None = None,
+        expiry: float | None = None,
     ) -> bool:
         """Publish at QoS 1; False when not connected (the caller decides)."""
         # Usable as soon as the session is up, so that on_connect can publish.
@@ -268,7 +273,10 @@ class Connection:
         if client is None:
             return False
         props = properties(
-            content_type=content_type, response_topic=response_topic, correlation=correlation
+            content_type=content_type,
+            response_topic=response_topic,
+            correlation=correlation,
+            expiry=expiry,
         )
         pub = asyncio.ensure_future(
             client.publish(topic, payload, qos=1, retain=retain, properties=props)
@@ -286,7 +294,8 @@ class Connection:
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                     await pub
         exc = None if pub.cancelled() else pub.exception()
-        if pub.cancelled() or isinstance(exc, aiomqtt.MqttError):
+        # ValueError: paho refuses the topic (e.g. a wildcard); never fatal here.
+        if pub.cancelled() or isinstance(exc, aiomqtt.MqttError | ValueError):
             log.info("%s: publish to %s failed: %s", self.identifier, topic, exc or "disconnected")
             return False
         if exc is not None:
@@ -321,12 +330,15 @@ class Connection:
                     raise RequestTimeout(f"no reply to {topic} within {timeout:g}s")
                 with contextlib.suppress(RequestTimeout):
                     await self.wait_connected(min(left, retry_every))
+                    # A request nobody waits for any more must not be queued
+                    # for a daemon that comes back later, and then executed.
                     await self.publish(
                         topic,
                         payload,
                         content_type=content_type,
                         response_topic=self.reply_topic,
                         correlation=correlation,
+                        expiry=left,
                     )
                 with contextlib.suppress(TimeoutError):
                     return await asyncio.wait_for(

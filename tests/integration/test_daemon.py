@@ -345,3 +345,109 @@ async def test_after_a_kexec_the_committed_payload_is_restored_from_the_state_di
         finished = await c.op(ParticipantOp.FINISH)
     assert finished["data"]["handover"]["side"] == "incoming"
     assert finished["data"]["handover"]["state"] == "released"
+
+
+async def test_a_wildcard_reply_topic_is_refused_and_the_daemon_lives_on(
+    daemon: DaemonProc,
+) -> None:
+    t = Topics(daemon.host_id)
+    async with RawClient(daemon.broker.url, daemon.host_id) as op:
+        for bad in (t.control_reply("+"), t.control_reply("#"), t.control_reply("a/b")):
+            await op.conn.publish(
+                t.control(ControlOp.STATUS),
+                b"{}",
+                content_type=JSON,
+                response_topic=bad,
+                correlation=b"wild",
+            )
+        await asyncio.sleep(0.3)
+        assert (await op.op(ControlOp.STATUS))["ok"]
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+async def test_a_hung_commit_command_is_killed_at_the_deadline(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    marker = tmp_path / "still-running"
+    command = json.dumps(["sh", "-c", f"sleep 30; touch {marker}"])
+    d = daemon_factory(KHOD_BACKEND="exec", KHOD_EXEC_COMMAND=command)
+    await asyncio.to_thread(d.start)
+    url, host = d.broker.url, d.host_id
+    async with RawClient(url, host, "solo") as c, RawClient(url, host) as op:
+        await c.register(COMPAT, 0)
+        await op.op(ControlOp.BEGIN, {"deadline": 2})
+        await c.op(ParticipantOp.FRAGMENT, fragment(0))
+        reply = await c.op(ParticipantOp.FROZEN)
+    handover = reply["data"]["handover"]
+    assert handover["state"] == "idle"
+    assert "did not finish within" in handover["abort_reason"]
+    assert not (d.state_dir / "payload.kho").exists()
+    d.stop()
+    assert not marker.exists()
+
+
+async def test_an_explicit_gone_is_done_when_acknowledged(daemon: DaemonProc) -> None:
+    async with RawClient(daemon.broker.url, daemon.host_id, "leaving") as c:
+        await c.register(COMPAT, 0)
+        assert (await c.op(ParticipantOp.GONE))["ok"]
+    daemon.kill()  # no grace period to survive: it was acknowledged
+    with Store(daemon.state_dir) as store:
+        assert "leaving" not in store.load_participants()
+
+
+async def test_a_request_nobody_waits_for_is_not_run_later(daemon: DaemonProc) -> None:
+    daemon.stop()
+    async with RawClient(daemon.broker.url, daemon.host_id, "late") as c:
+        from khod.errors import RequestTimeout
+
+        with pytest.raises(RequestTimeout):
+            await c.conn.request(
+                Topics(daemon.host_id).request("late", ParticipantOp.REGISTER),
+                json.dumps({"compatible": COMPAT, "instance": 5}).encode(),
+                content_type=JSON,
+                timeout=1.0,
+            )
+        await asyncio.sleep(1.5)  # past the request's expiry
+        await asyncio.to_thread(daemon.start)
+        await asyncio.sleep(0.5)
+    async with RawClient(daemon.broker.url, daemon.host_id) as op:
+        assert (await op.op(ControlOp.STATUS))["data"]["participants"] == []
+
+
+async def test_retrieve_of_a_name_without_a_fragment_is_unknown(
+    daemon: DaemonProc, daemon_factory: DaemonFactory
+) -> None:
+    await _handover_of_one(daemon)
+    daemon.stop()
+    incoming = daemon_factory("incoming")
+    await asyncio.to_thread(incoming.start, restore=daemon.state_dir / "payload.kho")
+    async with RawClient(incoming.broker.url, incoming.host_id, "stranger") as c:
+        reply = await c.op(ParticipantOp.RETRIEVE)
+    assert reply["error"]["code"] == "unknown-participant"
+
+
+def test_a_lost_incoming_payload_does_not_block_the_next_handover(
+    daemon: DaemonProc, tmp_path: Path
+) -> None:
+    asyncio.run(_handover_of_one(daemon))
+    daemon.stop()
+    (daemon.state_dir / "payload.kho").unlink()  # e.g. a payload_dir on tmpfs
+    with Store(daemon.state_dir) as store:
+        store.set_meta("boot_id", "a-previous-boot")
+    daemon.start()
+
+    async def status() -> dict[str, object]:
+        async with RawClient(daemon.broker.url, daemon.host_id) as op:
+            return (await op.op(ControlOp.STATUS))["data"]  # type: ignore[no-any-return]
+
+    data = asyncio.run(status())
+    assert data["handover"]["side"] == "outgoing"  # type: ignore[index]
+    assert data["handover"]["state"] == "idle"  # type: ignore[index]
+    daemon.stop()
+    with Store(daemon.state_dir) as store:
+        last = store.transitions("restore")[-1]
+    assert last.to_state == "failed" and "payload.kho" in last.detail
+    # Asked for explicitly, a missing image is the operator's error: exit 2.
+    argv = [sys.executable, "-m", "khod.cli", "run", "--restore", str(tmp_path / "nope.kho")]
+    r = subprocess.run(argv, env=daemon.env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "cannot restore" in r.stderr

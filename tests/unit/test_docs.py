@@ -382,7 +382,7 @@ def reply_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[
         await bus.request("vm-7", "fragment", blob)
         await bus.request("vm-7", "frozen")
         await bus.request(None, "status")
-        assert bus.daemon.handover_status()["state"] == "committed"
+        assert bus.daemon.handover_status().state == "committed"
         PayloadImage.from_file(bus.settings.payload_path)  # the committed image reads back
         retained = {bus.t.daemon, bus.t.handover, bus.t.state("vm-7")}
         for topic, _, kw in bus.pub.sent:

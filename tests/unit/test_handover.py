@@ -1319,3 +1319,15 @@ def test_scripted_machine_run() -> None:
     m.nothing_committed_unless_all_frozen()
     m.freeze_order_is_honoured()
     m.participant_states_fit_the_handover()
+
+
+def test_an_abort_leaves_a_failed_bystander_failed() -> None:
+    out = Outgoing()
+    reg(out, "db")
+    reg(out, "vm")
+    out.begin("h", deadline=9.0, expect=["db"], now=1.0)
+    out.fail("vm", "disk full", now=2.0)  # not part of the handover: nothing aborts
+    assert out.handover.state is H.PREPARING
+    out.abort("operator", now=3.0)
+    assert states(out) == {"db": "registered", "vm": "failed"}
+    assert out.participants["vm"].error == "disk full"
