@@ -331,20 +331,19 @@ class Outgoing:
         return changes
 
     def gone(self, name: str, *, now: float) -> Changes:
-        """The participant's connection died (its will message)."""
+        """The participant's connection died (its will message), or it left."""
         p = self._known(name)
         if self.in_handover(name):
             changes = self.fail(name, "vanished (connection lost)", now=now)
-            # It is gone: the next handover must not wait for it.
-            del self.participants[name]
-            changes.removed.add(name)
-            changes.participants.discard(name)
-            changes.transitions.append(Transition(name, "gone", str(p.state), "removed"))
-            return changes
-        if self.handover.state is H.COMMITTED:
+        elif self.handover.state is H.COMMITTED:
             return Changes()  # after commit, components going away is expected
+        else:
+            changes = Changes()
+        # It is gone: the next handover must not wait for it.
         del self.participants[name]
-        changes = Changes(removed={name}, drop_fragments={name})
+        changes.removed.add(name)
+        changes.participants.discard(name)
+        changes.drop_fragments.add(name)
         changes.transitions.append(Transition(name, "gone", str(p.state), "removed"))
         return changes
 
@@ -434,7 +433,7 @@ class Outgoing:
     def check_deadline(self, *, now: float) -> Changes:
         h = self.handover
         if h.state in ABORTABLE and h.deadline is not None and now >= h.deadline:
-            waiting = self.missing() if h.state is H.PREPARING else self.not_frozen()
+            waiting = self.waiting()
             detail = f"; waiting for {', '.join(waiting)}" if waiting else ""
             return self.abort(f"deadline passed in {h.state}{detail}", now=now)
         return Changes()

@@ -60,6 +60,10 @@ class ControlOp(StrEnum):
     STATUS = "status"
 
 
+#: Handover states in which a handover is running (participants take part).
+RUNNING_STATES = frozenset({"preparing", "freezing", "frozen", "assembled"})
+
+
 class Topics:
     """Every topic of one host."""
 

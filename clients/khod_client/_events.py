@@ -31,10 +31,10 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from khod.errors import KhodError, ProtocolError
-from khod.protocol import HandoverStatus
+from khod.protocol import RUNNING_STATES, HandoverStatus
 
 #: Handover states in which a handover runs and its participants take part.
-RUNNING = frozenset({"preparing", "freezing", "frozen", "assembled"})
+RUNNING = RUNNING_STATES
 #: States in which a participant that takes part still serializes or freezes.
 BEGUN = frozenset({"preparing", "freezing"})
 #: States that end a handover without a payload (abort resets to idle at once).

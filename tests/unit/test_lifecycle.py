@@ -380,3 +380,10 @@ def test_order_unknown_name_is_refused(after: dict[str, list[str]], data: st.Dat
     after[victim] = [*after[victim], ghost]
     with pytest.raises(OrderingError, match=re.escape(repr(ghost))):
         order(after)
+
+
+def test_the_wire_names_the_same_running_states_as_the_tables() -> None:
+    from khod.lifecycle import ACTIVE
+    from khod.protocol import RUNNING_STATES
+
+    assert {str(s) for s in ACTIVE} == RUNNING_STATES
