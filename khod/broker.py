@@ -28,11 +28,12 @@ INSTALL_HINT = (
 )
 
 
+#: Debian installs the broker in sbin, which is not on every user's PATH.
+CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
 def find_mosquitto() -> str:
-    found = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
-        None,
-    )
+    found = shutil.which("mosquitto") or next((p for p in CANDIDATES if Path(p).exists()), None)
     if found is None:
         raise ConfigError(INSTALL_HINT)
     return found
