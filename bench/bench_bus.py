@@ -45,7 +45,7 @@ from khod.protocol import (
     Topics,
     encode,
 )
-from khod.transport import BrokerURL, Connection, client_id, message_props
+from khod.transport import BrokerURL, Connection, client_id, message_props, payload_bytes
 from khod_client import Participant
 
 
@@ -175,10 +175,11 @@ async def _rounds(
     ]
 
 
-async def handover(url: str, host: str, n: int) -> tuple[float, float]:
+async def participants(url: str, host: str, first: int, count: int) -> None:
+    """``count`` SDK participants in this process: register, say so, hand over."""
     parts = [
         Participant(f"b{i:04d}", compatible="bench,p-v1", instance=i, broker=url, host_id=host)
-        for i in range(n)
+        for i in range(first, first + count)
     ]
 
     async def one(p: Participant) -> None:
@@ -188,26 +189,73 @@ async def handover(url: str, host: str, n: int) -> tuple[float, float]:
         await p.submit(b.finish_storage())
         await p.wait_for_freeze()
         await p.frozen()
+        await p.wait_for_handover(lambda h: h.state == "committed")
 
     async with contextlib.AsyncExitStack() as stack:
         for p in parts:
             await stack.enter_async_context(p)
         await asyncio.gather(*(p.register() for p in parts))
-        tasks = [asyncio.create_task(one(p)) for p in parts]
-        op = Connection(BrokerURL.parse(url), identifier=client_id("op"))
-        op.reply_topic = Topics(host).control_reply(op.identifier)
+        print("ready", flush=True)
+        await asyncio.gather(*(one(p) for p in parts))
+
+
+async def handover(url: str, host: str, n: int, procs: int) -> tuple[float, float]:
+    """begin -> commit, and the blackout, with the participants spread over processes."""
+    share = [n // procs + (k < n % procs) for k in range(procs)]
+    workers = []
+    first = 0
+    for count in share:
+        if count:
+            workers.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    __file__,
+                    "--participants-of",
+                    url,
+                    host,
+                    str(first),
+                    str(count),
+                    stdout=asyncio.subprocess.PIPE,
+                )
+            )
+        first += count
+    try:
+        for w in workers:
+            assert w.stdout is not None
+            assert (await w.stdout.readline()).strip() == b"ready"
+        committed: asyncio.Future[HandoverStatus] = asyncio.get_running_loop().create_future()
+
+        async def watch(m: aiomqtt.Message) -> None:
+            h = HandoverStatus.model_validate_json(payload_bytes(m))
+            if h.state == "committed" and not committed.done():
+                committed.set_result(h)
+
+        topics = Topics(host)
+        op = Connection(
+            BrokerURL.parse(url),
+            identifier=client_id("op"),
+            subscriptions=[topics.handover],
+            on_message=watch,
+        )
+        op.reply_topic = topics.control_reply(op.identifier)
         async with running(op):
             t0 = time.perf_counter()
             await op.request(
-                Topics(host).control(ControlOp.BEGIN),
+                topics.control(ControlOp.BEGIN),
                 encode(BeginRequest(deadline=600)),
                 content_type=JSON,
                 timeout=30,
             )
-            status = await parts[0].wait_for_handover(lambda h: h.state == "committed")
+            status = await asyncio.wait_for(committed, 600)
             total = time.perf_counter() - t0
-        await asyncio.gather(*tasks)
-    assert isinstance(status, HandoverStatus) and status.payload is not None
+        for w in workers:
+            await w.wait()
+    finally:
+        for w in workers:
+            if w.returncode is None:
+                w.kill()
+                await w.wait()
+    assert status.payload is not None
     return total, float(status.payload["blackout_s"])
 
 
@@ -227,7 +275,7 @@ def start_daemon(url: str, host: str, state: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-async def main_async(rounds: int, sizes: list[int]) -> None:
+async def main_async(rounds: int, sizes: list[int], procs: list[int]) -> None:
     print(machine())
     with tempfile.TemporaryDirectory() as tmp, PrivateBroker(Path(tmp) / "broker") as broker:
         host = "bench-" + uuid.uuid4().hex[:6]
@@ -241,17 +289,18 @@ async def main_async(rounds: int, sizes: list[int]) -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait()
-        print("\nwhole handovers (SDK participants in one process, each ~2 KiB)")
-        print(f"  {'participants':>12}  {'begin->commit':>14}  {'blackout (freeze->commit)':>26}")
+        print("\nwhole handovers (SDK participants, ~2 KiB fragments each)")
+        print(f"  {'participants':>12} {'processes':>9} {'begin->commit':>14} {'blackout':>12}")
         for n in sizes:
-            host = f"bench-{n}-" + uuid.uuid4().hex[:4]
-            proc = start_daemon(broker.url, host, Path(tmp) / f"s{n}")
-            try:
-                total, blackout = await handover(broker.url, host, n)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait()
-            print(f"  {n:>12}  {total * 1e3:11.1f} ms  {blackout * 1e3:23.1f} ms")
+            for k in procs:
+                host = f"bench-{n}-{k}-" + uuid.uuid4().hex[:4]
+                proc = start_daemon(broker.url, host, Path(tmp) / f"s{n}-{k}")
+                try:
+                    total, blackout = await handover(broker.url, host, n, k)
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait()
+                print(f"  {n:>12} {k:>9} {total * 1e3:11.1f} ms {blackout * 1e3:9.1f} ms")
 
 
 def main() -> int:
@@ -260,12 +309,20 @@ def main() -> int:
     )
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--participants", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument(
+        "--procs", type=int, nargs="+", default=[1, 4], help="participant processes to try"
+    )
     ap.add_argument("--echo", metavar="URL", help=argparse.SUPPRESS)
+    ap.add_argument("--participants-of", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.echo:
         asyncio.run(echo_responder(args.echo))
         return 0
-    asyncio.run(main_async(args.rounds, args.participants))
+    if args.participants_of:
+        url, host, first, count = args.participants_of
+        asyncio.run(participants(url, host, int(first), int(count)))
+        return 0
+    asyncio.run(main_async(args.rounds, args.participants, args.procs))
     return 0
 
 

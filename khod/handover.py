@@ -205,8 +205,9 @@ class Outgoing:
         """Participants per state: those of the running handover, else all."""
         c = {str(s): 0 for s in ParticipantState}
         running = self.handover.state in ACTIVE
+        members = set(self.handover.expected)
         for p in self.participants.values():
-            if not running or p.name in self.handover.expected:
+            if not running or p.name in members:
                 c[str(p.state)] += 1
         return c
 
