@@ -10,9 +10,18 @@ cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
+python=${PYTHON:-python3}
+
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v dtc >/dev/null 2>&1 || missing+=(device-tree-compiler)
+# pylibfdt is built from source (with a swig that pip fetches): it needs a C
+# compiler and the Python headers; Debian's python3 also needs its venv module.
+command -v cc >/dev/null 2>&1 || missing+=(gcc)
+"$python" -c 'import os, sysconfig; p = sysconfig.get_paths()["include"]
+raise SystemExit(not os.path.exists(os.path.join(p, "Python.h")))' 2>/dev/null ||
+    missing+=(python3-dev)
+"$python" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]}" >&2
     if command -v apt-get >/dev/null 2>&1; then
@@ -27,7 +36,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
 fi
 
-python=${PYTHON:-python3}
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     echo "setup: khod needs Python 3.11 or newer ($python is $("$python" -V 2>&1))" >&2
     exit 1
