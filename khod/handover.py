@@ -429,6 +429,7 @@ class Outgoing:
                 changes.drop_fragments.add(p.name)
         self._handover(changes, HandoverEvent.RESET)
         self.handover.payload = None
+        self.handover.freeze_order = ()
         return changes
 
     def check_deadline(self, *, now: float) -> Changes:
