@@ -141,6 +141,12 @@ class Daemon:
         if rec is not None and rec["handover_id"] == self.image.handover_id:
             self.inc = Incoming.from_record(rec["incoming"])
             return
+        if self.store.get_meta("restored") == self.image.handover_id:
+            # e.g. a unit that still says --restore after the restore is over:
+            # restoring again would wipe the registrations of this boot.
+            log.warning("%s was already restored on this host; not restoring it again", path)
+            self.image = self.image_path = None
+            return
         now = self.now()
         claims = [
             Claim(e.name, e.compatible, e.instance, e.size, e.sha256.hex(), e.restore_after)
@@ -170,6 +176,8 @@ class Daemon:
     async def resume(self) -> None:
         """Finish what a killed daemon left half-done: assembly and commit."""
         async with self.lock:
+            # A handover whose deadline passed while the daemon was down aborts.
+            await self._apply(self.out.check_deadline(now=self.now()))
             state = self.out.handover.state
             if state in (HandoverState.FROZEN, HandoverState.ASSEMBLED):
                 log.info("resuming handover %s from %s", self.out.handover.id, state)
@@ -223,7 +231,8 @@ class Daemon:
         self.announce.handover_changed()
         # A new handover state is a signal (freeze, cancel): it goes out before
         # the reply to the request that caused it. Counts may wait for the burst.
-        await self.announce.flush(force=any(t.subject == "handover" for t in changes.transitions))
+        signals = any(t.subject in ("handover", "restore") for t in changes.transitions)
+        await self.announce.flush(force=signals)
 
     # -- persisting ----------------------------------------------------------
 
@@ -307,6 +316,10 @@ class Daemon:
                     await self._expire_gone(self.now(), only=name)
                 body, ctype = await self._dispatch(name, op, payload, will=response_topic is None)
             except StoreError:
+                # The disk is the truth and it cannot be written: stop, and say so,
+                # since a stop by exception disconnects cleanly (no will).
+                log.critical("%s %s: the store failed; stopping", name or "operator", op)
+                await self.announce.daemon(self.daemon_status("offline"))
                 raise
             except KhodError as exc:
                 log.info("%s %s refused: %s", name or "operator", op, exc)
@@ -318,7 +331,7 @@ class Daemon:
             await self.announce.flush()
         if response_topic is None:
             return
-        if correlation is not None:
+        if correlation:
             self._replies.put(key, body, ctype)
         await self.announce.reply(response_topic, body, ctype, correlation)
 
@@ -442,8 +455,9 @@ class Daemon:
     async def _retrieve(self, name: str) -> bytes:
         inc = self._incoming(name, "retrieve")
         assert self.image is not None
-        changes = inc.retrieve(name, now=self.now())  # the lifecycle decides first
+        inc.claim(name)  # unknown-participant before anything else
         blob = self.image.retrieve(name)
+        changes = inc.retrieve(name, now=self.now())
         await self._apply_incoming(changes)
         return blob
 
@@ -468,7 +482,8 @@ class Daemon:
         )
         leaving_restore = self.inc is not None
         with self.store.transaction():
-            if leaving_restore:
+            if self.inc is not None:
+                self.store.set_meta("restored", self.inc.handover_id)
                 self.store.clear_restore()
             self._persist(changes)
         if leaving_restore:

@@ -111,7 +111,7 @@ class Incoming:
     # -- requests ------------------------------------------------------------
 
     def retrieve(self, name: str, *, now: float) -> Changes:
-        claim = self._claim(name)
+        claim = self.claim(name)
         self._check_open(name, "retrieve its fragment")
         waiting = self.waiting_for(name)
         if waiting:
@@ -123,7 +123,7 @@ class Incoming:
         return changes
 
     def finish(self, name: str, *, now: float) -> Changes:
-        claim = self._claim(name)
+        claim = self.claim(name)
         self._check_open(name, "finish")
         changes = Changes()
         self._step(changes, claim, RestoreEvent.FINISH, now)
@@ -170,7 +170,8 @@ class Incoming:
 
     # -- internals -----------------------------------------------------------
 
-    def _claim(self, name: str) -> Claim:
+    def claim(self, name: str) -> Claim:
+        """The fragment ``name`` claims, or UnknownParticipant."""
         try:
             return self.claims[name]
         except KeyError:

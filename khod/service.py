@@ -172,3 +172,18 @@ def main(config: Path | None, *, restore: Path | None = None) -> int:
     except KhodError as exc:
         print(f"khod: {exc}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:  # from inside the TaskGroup (e.g. the store failed)
+        ours = group.subgroup(lambda e: isinstance(e, KhodError))
+        if ours is None:
+            raise
+        for err in _leaves(ours):
+            print(f"khod: {err}", file=sys.stderr)
+        return 1
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    return [
+        leaf
+        for e in group.exceptions
+        for leaf in (_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    ]

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import aiomqtt
 
 from khod import fdt, names
-from khod.errors import KhodError, PayloadError, ProtocolError
+from khod.errors import KhodError, PayloadError, ProtocolError, RequestTimeout
 from khod.protocol import (
     DTB,
     JSON,
@@ -417,13 +417,15 @@ class Participant:
         """Report a failure; a handover this participant takes part in aborts."""
         await self._call(ParticipantOp.FAIL, FailRequest(reason=reason))
 
-    async def retrieve(self) -> bytes:
+    async def retrieve(self, *, timeout: float | None = None) -> bytes:
         """After a kexec: this participant's fragment from the incoming payload.
 
         Waits until the daemon restores and this participant may retrieve
         (participants it restores after have finished), then checks the
         bytes against the sha256 on its retained state. PayloadError on a
-        mismatch, RemoteError if the daemon refuses.
+        mismatch, RemoteError if the daemon refuses. ``timeout``: seconds to
+        wait for the daemon to offer the fragment (RequestTimeout after);
+        None waits as long as it takes (a component may start first).
         """
 
         def ready() -> tuple[HandoverStatus, str | None] | None:
@@ -445,7 +447,12 @@ class Participant:
                 return None  # it restores after someone who has not finished
             return s, sha
 
-        status, sha = await self._wait(ready)
+        try:
+            status, sha = await asyncio.wait_for(self._wait(ready), timeout)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"{self.name!r}: no incoming payload offered its fragment within {timeout:g}s"
+            ) from None
         message = await self._request(ParticipantOp.RETRIEVE, encode(EmptyRequest()), JSON)
         content_type, _, _ = message_props(message)
         body = payload_bytes(message)

@@ -451,3 +451,28 @@ def test_a_lost_incoming_payload_does_not_block_the_next_handover(
     argv = [sys.executable, "-m", "khod.cli", "run", "--restore", str(tmp_path / "nope.kho")]
     r = subprocess.run(argv, env=daemon.env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "cannot restore" in r.stderr
+
+
+async def test_restore_is_not_repeated_by_a_stale_restore_flag(
+    daemon: DaemonProc, daemon_factory: DaemonFactory
+) -> None:
+    await _handover_of_one(daemon)
+    daemon.stop()
+    image = daemon.state_dir / "payload.kho"
+    incoming = daemon_factory("incoming")
+    await asyncio.to_thread(incoming.start, restore=image)
+    url, host = incoming.broker.url, incoming.host_id
+    async with RawClient(url, host, "solo") as c, RawClient(url, host) as op:
+        assert await c.op(ParticipantOp.RETRIEVE) == fragment(0)
+        assert (await c.op(ParticipantOp.FINISH))["ok"]
+        # This boot's next handover begins.
+        assert (await c.register(COMPAT, 0))["ok"]
+        assert (await op.op(ControlOp.BEGIN, {"deadline": 60}))["ok"]
+    # The unit still says --restore: a restart must not restore (and wipe) again.
+    incoming.stop()
+    await asyncio.to_thread(incoming.start)
+    async with RawClient(url, host) as op:
+        status = (await op.op(ControlOp.STATUS))["data"]
+    assert status["handover"]["side"] == "outgoing"
+    assert status["handover"]["state"] == "preparing"
+    assert [p["name"] for p in status["participants"]] == ["solo"]

@@ -34,6 +34,7 @@ from khod_client import (
     HandoverCancelled,
     Participant,
     RemoteError,
+    RequestTimeout,
 )
 from tests.busclient import OperatorClient
 
@@ -506,3 +507,11 @@ async def test_the_example_participant_end_to_end(
             TIMEOUT,
         )
         assert released.id == done.id
+
+
+async def test_retrieve_gives_up_after_its_timeout_when_nothing_is_restored(
+    broker: PrivateBroker, host_id: str, daemon: DaemonProc
+) -> None:
+    async with participant(broker, host_id, "nothing-to-get", 1) as p:
+        with pytest.raises(RequestTimeout, match="no incoming payload"):
+            await p.retrieve(timeout=0.5)

@@ -1,0 +1,88 @@
+"""The daemon's start-up decisions, in-process (a real store, a recording publisher)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from khod import service
+from khod.config import Settings
+from khod.daemon import Daemon
+from khod.errors import StoreError
+from khod.fdt import start_storage
+from khod.handover import Outgoing
+from khod.store import Store
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def publish(self, topic: str, payload: bytes, **kw: Any) -> bool:
+        self.sent.append((topic, payload))
+        return True
+
+
+def frozen_handover(store: Store, *, deadline: float) -> None:
+    """A handover left in `frozen` by a daemon that was killed before assembling."""
+    out = Outgoing()
+    out.register("vm", "test,vm-v1", 1, now=0.0)
+    out.begin("h-1", deadline=deadline, now=0.0)
+    blob = start_storage("test,vm-v1", 1).finish_storage()
+    sha = hashlib.sha256(blob).hexdigest()
+    out.submit("vm", len(blob), sha, now=1.0)
+    out.frozen("vm", now=2.0)
+    with store.transaction():
+        store.save_handover(out.handover.to_record())
+        store.save_participant("vm", out.participants["vm"].to_record())
+        store.put_fragment("vm", blob, sha)
+
+
+def daemon(tmp_path: Path, *, now: float) -> tuple[Daemon, Store]:
+    settings = Settings(state_dir=tmp_path, host_id="h")
+    store = Store(tmp_path)
+    return Daemon(settings, store, Recorder(), clock=lambda: now), store
+
+
+def test_resume_commits_a_handover_killed_before_assembly(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        frozen_handover(store, deadline=100.0)
+    d, store = daemon(tmp_path, now=50.0)
+    asyncio.run(d.resume())
+    assert d.out.handover.state == "committed"
+    assert (tmp_path / "payload.kho").exists()
+    store.close()
+
+
+def test_resume_aborts_a_handover_whose_deadline_passed_meanwhile(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        frozen_handover(store, deadline=100.0)
+    d, store = daemon(tmp_path, now=150.0)
+    asyncio.run(d.resume())
+    assert d.out.handover.state == "idle"
+    assert (d.out.handover.abort_reason or "").startswith("deadline passed")
+    assert not (tmp_path / "payload.kho").exists()
+    assert store.load_handover()["state"] == "idle"  # type: ignore[index]
+    store.close()
+
+
+def test_a_store_failure_inside_the_daemon_is_a_clear_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    async def failing_serve(settings: Settings, *, restore: Path | None = None) -> int:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_raise(StoreError("khod.db: disk I/O error")))
+        return 0
+
+    monkeypatch.setattr(service, "serve", failing_serve)
+    monkeypatch.setenv("KHOD_STATE_DIR", str(tmp_path))
+    assert service.main(None) == 1
+    assert "khod: khod.db: disk I/O error" in capsys.readouterr().err
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc
