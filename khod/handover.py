@@ -323,7 +323,7 @@ class Outgoing:
         return changes
 
     def fail(self, name: str, reason: str, *, now: float) -> Changes:
-        p = self._known(name)
+        p = self.participant(name)
         changes = Changes()
         self._participant(changes, p, ParticipantEvent.FAIL, now, detail=reason)
         p.error = reason
@@ -333,7 +333,7 @@ class Outgoing:
 
     def gone(self, name: str, *, now: float) -> Changes:
         """The participant's connection died (its will message), or it left."""
-        p = self._known(name)
+        p = self.participant(name)
         if self.in_handover(name):
             changes = self.fail(name, "vanished (connection lost)", now=now)
         elif self.handover.state is H.COMMITTED:
@@ -461,16 +461,13 @@ class Outgoing:
 
     def participant(self, name: str) -> Participant:
         """The registered participant ``name``, or UnknownParticipant."""
-        return self._known(name)
-
-    def _known(self, name: str) -> Participant:
         try:
             return self.participants[name]
         except KeyError:
             raise UnknownParticipant(f"unknown participant {name!r}: register first") from None
 
     def _member(self, name: str, what: str) -> Participant:
-        p = self._known(name)
+        p = self.participant(name)
         if not self.in_handover(name):
             raise Busy(
                 f"{name!r} cannot {what}: it is not part of a running handover "

@@ -34,7 +34,7 @@ from khod.protocol import (
 from khod.transport import BrokerURL, Connection, client_id
 
 if TYPE_CHECKING:
-    from conftest import DaemonProc
+    from tests.daemonproc import DaemonProc
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -39,7 +39,7 @@ from khod_client import (
 from tests.busclient import OperatorClient
 
 if TYPE_CHECKING:
-    from conftest import DaemonFactory, DaemonProc
+    from tests.daemonproc import DaemonFactory, DaemonProc
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,15 +15,7 @@ from khod.errors import StoreError
 from khod.fdt import start_storage
 from khod.handover import Outgoing
 from khod.store import Store
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-
-    async def publish(self, topic: str, payload: bytes, **kw: Any) -> bool:
-        self.sent.append((topic, payload))
-        return True
+from tests.fakes import Recorder
 
 
 def frozen_handover(store: Store, *, deadline: float) -> None:

@@ -53,6 +53,7 @@ from khod.protocol import (
 )
 from khod.replies import ReplyCache
 from khod.store import Store
+from tests.fakes import Recorder
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 REF_TEMPLATE = "#/components/schemas/{model}"
@@ -315,15 +316,6 @@ def test_asyncapi_retrieve_reply_is_raw(asyncapi: dict[str, Any]) -> None:
 
 
 # -- reply data, as the daemon really sends it -----------------------------------
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, dict[str, Any]]] = []
-
-    async def publish(self, topic: str, payload: bytes, **kw: Any) -> bool:
-        self.sent.append((topic, payload, kw))
-        return True
 
 
 class Bus:
