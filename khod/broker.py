@@ -76,6 +76,8 @@ class PrivateBroker:
                 "max_queued_messages 100000",
                 "max_inflight_messages 0",
                 "max_packet_size 1048576",
+                # A reply that follows a PUBACK must not wait for a delayed ACK.
+                "set_tcp_nodelay true",
                 # As root, mosquitto would drop to its own user, which cannot
                 # reach our private socket directory.
                 *(["user root"] if os.geteuid() == 0 else []),

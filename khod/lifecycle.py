@@ -35,6 +35,7 @@ sequence and rejects cycles and unknown names.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import TypeVar
@@ -220,19 +221,21 @@ def order(after: Mapping[str, Iterable[str]], *, what: str = "freeze") -> list[s
         deps[name] = wanted
     result: list[str] = []
     done: set[str] = set()
-    ready = sorted(n for n, d in deps.items() if not d)
+    # A heap: ties broken by name in O(log N), not by re-sorting a list.
+    ready = [n for n, d in deps.items() if not d]
+    heapq.heapify(ready)
     dependants: dict[str, list[str]] = {n: [] for n in deps}
     for n, d in deps.items():
         for m in d:
             dependants[m].append(n)
     pending = {n: len(d) for n, d in deps.items()}
     while ready:
-        n = ready.pop(0)
+        n = heapq.heappop(ready)
         result.append(n)
         done.add(n)
-        newly = [m for m in dependants[n] if _release(pending, m)]
-        if newly:
-            ready = sorted([*ready, *newly])
+        for m in dependants[n]:
+            if _release(pending, m):
+                heapq.heappush(ready, m)
     if len(result) != len(deps):
         raise OrderingError(f"{what} order has a cycle: {' -> '.join(find_cycle(deps))}")
     return result

@@ -264,7 +264,7 @@ async def monitor(args: argparse.Namespace, settings: Settings) -> int:
     conn = Connection(
         settings.broker_url,
         identifier=client_id("khod-mon"),
-        subscriptions=[topics.daemon, topics.handover, topics.participant_states],
+        subscriptions=[topics.daemon, topics.handover, topics.progress, topics.participant_states],
         on_message=on_message,
         on_connect=on_connect,
     )

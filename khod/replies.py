@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 
-Key = tuple[str, str, bytes, bytes]
+#: A digest of the request topic, response topic, correlation data and body:
+#: fixed-size whatever the request, and the same in memory and in the store.
+Key = bytes
 
 
 class ReplyCache:
@@ -25,7 +27,13 @@ class ReplyCache:
 
     @staticmethod
     def key(topic: str, body: bytes, response_topic: str, correlation: bytes) -> Key:
-        return (topic, response_topic, correlation, hashlib.sha256(body).digest())
+        h = hashlib.sha256()
+        for part in (topic.encode(), response_topic.encode(), correlation):
+            # Length-prefixed, so that no two different requests hash alike.
+            h.update(len(part).to_bytes(4, "big"))
+            h.update(part)
+        h.update(hashlib.sha256(body).digest())
+        return h.digest()
 
     def get(self, key: Key) -> tuple[bytes, str] | None:
         return self._entries.get(key)

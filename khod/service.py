@@ -93,7 +93,6 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
         settings,
         store,
         conn,
-        backlog=conn.backlog,
         # Changes whenever the connection drops or comes back.
         epoch=lambda: conn.connects if conn.connected else -1,
     )
@@ -110,12 +109,13 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    await daemon.resume()
     async with asyncio.TaskGroup() as tg:
         tasks = [
+            tg.create_task(daemon.run(), name="worker"),
             tg.create_task(conn.run(), name="bus"),
             tg.create_task(_deadlines(daemon), name="deadlines"),
         ]
+        await daemon.resume()
         with contextlib.suppress(KhodError):
             await conn.wait_connected(30)
         sdnotify.notify("READY=1", f"STATUS=khod {__version__} on {settings.broker_url}")
@@ -137,10 +137,12 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
 
 
 async def _deadlines(daemon: Daemon) -> None:
-    """Deadlines, systemd STATUS, and the watchdog.
+    """Deadlines, the progress topic, systemd STATUS, and the watchdog.
 
-    The watchdog is fed from here, after a tick that took the daemon's lock:
-    a daemon wedged inside a request stops feeding it and systemd restarts it.
+    The watchdog is fed from here, after a tick that went through the
+    daemon's worker: a daemon wedged inside a request stops feeding it and
+    systemd restarts it. A commit runs beside the worker (an exec command
+    may take minutes), so a healthy commit never starves the watchdog.
     """
     last = ""
     watchdog = sdnotify.watchdog_interval() is not None
@@ -148,7 +150,7 @@ async def _deadlines(daemon: Daemon) -> None:
         await daemon.tick()
         if watchdog:
             sdnotify.notify("WATCHDOG=1")
-        status = daemon.handover_status()
+        status = daemon.handover_signal()
         line = f"STATUS=handover {status.id or '-'}: {status.state}"
         if line != last:
             sdnotify.notify(line)

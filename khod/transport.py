@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -216,6 +217,7 @@ class Connection:
             try:
                 async with self._make_client() as client:
                     self._client = client
+                    no_delay(client)
                     backoff.reset()
                     topics = [*self.subscriptions]
                     if self.reply_topic:
@@ -346,6 +348,17 @@ class Connection:
                     )
         finally:
             self._pending.pop(correlation, None)
+
+
+def no_delay(client: aiomqtt.Client) -> None:
+    """Send every packet at once (TCP_NODELAY).
+
+    Without it a reply that follows a PUBACK waits for the peer's delayed
+    ACK: ~40 ms per request over TCP. A Unix socket has no such option.
+    """
+    sock = client._client.socket()
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _consume_disconnect(client: aiomqtt.Client) -> None:

@@ -329,6 +329,7 @@ class Bus:
         self.t = Topics(host)
         self.n = 0
         self.data: dict[str, list[dict[str, Any]]] = {}
+        self.worker: asyncio.Task[None] | None = None
 
     async def request(self, name: str | None, op: str, body: bytes = b"") -> dict[str, Any]:
         self.n += 1
@@ -339,7 +340,10 @@ class Bus:
             topic, reply_to = self.t.request(name, ParticipantOp(op)), self.t.reply(name)
         ctype = DTB if op == "fragment" else JSON
         start = len(self.pub.sent)
+        if self.worker is None:  # asyncio.run() cancels it at the end
+            self.worker = asyncio.create_task(self.daemon.run())
         await self.daemon.handle(topic, body, (ctype, reply_to, corr))
+        await self.daemon.settled()
         replies = [s for s in self.pub.sent[start:] if s[0] == reply_to]
         assert len(replies) == 1, replies
         _, payload, kw = replies[0]
