@@ -48,11 +48,16 @@ def free_port() -> int:
 class PrivateBroker:
     """A mosquitto process of our own. Use as a context manager."""
 
-    def __init__(self, workdir: Path | None = None, *, tcp: bool = False) -> None:
+    def __init__(
+        self, workdir: Path | None = None, *, tcp: bool = False, persistence: bool = False
+    ) -> None:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="khod-broker-")
         self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tcp = tcp
+        #: keep retained messages and sessions on disk across restarts, as the
+        #: shipped config does (saved at a clean stop, not at a SIGKILL)
+        self.persistence = persistence
         self.port = free_port() if tcp else 0
         # Unix socket paths are limited to ~107 bytes: keep it short.
         self.socket_path = Path(tempfile.mkdtemp(prefix="khodmq-")) / "mq.sock"
@@ -72,7 +77,15 @@ class PrivateBroker:
             [
                 listener,
                 "allow_anonymous true",
-                "persistence false",
+                *(
+                    [
+                        "persistence true",
+                        f"persistence_location {self.workdir}/",
+                        "autosave_interval 3600",
+                    ]
+                    if self.persistence
+                    else ["persistence false"]
+                ),
                 "max_queued_messages 100000",
                 "max_inflight_messages 0",
                 "max_packet_size 1048576",

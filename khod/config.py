@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     backend: Literal["dir", "exec", "luo"] = "dir"
     #: with backend "exec": argv run after the image is on disk; "{image}" is replaced
     exec_command: list[str] = Field(default_factory=list)
+    #: with backend "exec": argv run when a committed payload is withdrawn
+    #: (``khod abort`` after commit), e.g. ["kexec", "-u"]; "{image}" is replaced
+    exec_undo_command: list[str] = Field(default_factory=list)
     #: physical base the payload is loaded at (0: offsets)
     payload_base: int = Field(default=0, ge=0)
 

@@ -101,6 +101,8 @@ REPLIES_KEPT = 4096
 #: persisted: statuses it published but had not persisted (the assembled
 #: state, say) stay older than anything it publishes next.
 SEQ_RESTART_GAP = 1 << 20
+#: Seconds the operator's undo command may take when a payload is withdrawn.
+WITHDRAW_TIMEOUT = 60.0
 
 
 def boot_id() -> str:
@@ -513,9 +515,12 @@ class Daemon:
             if any(k == key for _, _, k, _ in self._after_commit):
                 return  # a replay of a reply that waits for the commit: it will come
 
-        def execute(batch: Batch) -> None:
+        async def execute(batch: Batch) -> None:
             self._hold_reply = False
-            body, ctype = self._execute(name, op, payload, will=response_topic is None)
+            if name is None and op == ControlOp.ABORT and self._committed():
+                body, ctype = await self._withdraw(payload)
+            else:
+                body, ctype = self._execute(name, op, payload, will=response_topic is None)
             if response_topic is None:
                 return
             if self._hold_reply and name is not None:
@@ -746,6 +751,25 @@ class Daemon:
         assert isinstance(req, AbortRequest)
         self._abort_changes(self.out.abort(req.reason, now=self.now()))
         return {"handover": self.handover_status().model_dump()}
+
+    def _committed(self) -> bool:
+        return self.out.handover.state is HandoverState.COMMITTED and self.inc is None
+
+    async def _withdraw(self, payload: bytes) -> tuple[bytes, str]:
+        """``abort`` once committed: take the payload back, then everyone thaws."""
+        op = ControlOp.ABORT
+        try:
+            req = decode(AbortRequest, payload)
+            assert isinstance(req, AbortRequest)
+            # Undone first: if the kernel may still boot into the payload,
+            # nobody may thaw (the handover stays committed).
+            await backend.withdraw_committed(self.settings, timeout=WITHDRAW_TIMEOUT)
+        except KhodError as exc:
+            log.error("withdrawing the payload of %s failed: %s", self.out.handover.id, exc)
+            return _error(op, exc), JSON
+        log.warning("payload of handover %s withdrawn: %s", self.out.handover.id, req.reason)
+        self._stage(self.out.abort(req.reason, now=self.now()))
+        return _ok(op, {"handover": self.handover_status().model_dump()}), JSON
 
     def _abort_changes(self, changes: Changes) -> None:
         """Stage changes that may abort the handover; an abort stops a commit under way."""

@@ -140,3 +140,18 @@ class RemoteError(KhodError):
     def __init__(self, code: str, message: str) -> None:
         self.code = code
         super().__init__(f"{code}: {message}")
+
+
+# -- committing the payload ------------------------------------------------------
+
+
+class CommitError(KhodError):
+    """The payload could not be committed; the handover aborts."""
+
+    code = "commit-failed"
+
+
+class WithdrawError(KhodError):
+    """A committed payload could not be withdrawn; it stays committed."""
+
+    code = "withdraw-failed"

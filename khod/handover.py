@@ -491,8 +491,13 @@ class Outgoing:
         return changes
 
     def abort(self, reason: str, *, now: float) -> Changes:
+        """Abort the handover (or, once committed, withdraw its payload); everyone cancels."""
+        committed = self.handover.state is H.COMMITTED
+        if committed:
+            reason = f"payload withdrawn: {reason}"
         changes = Changes()
-        self._handover(changes, HandoverEvent.ABORT, detail=reason)
+        event = HandoverEvent.WITHDRAW if committed else HandoverEvent.ABORT
+        self._handover(changes, event, detail=reason)
         self.handover.abort_reason = reason
         members = set(self.handover.expected)
         for p in self.participants.values():

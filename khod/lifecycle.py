@@ -8,6 +8,7 @@ Three machines, each one explicit table ``{STATE: {EVENT: NEXT_STATE}}``:
 
       idle -> preparing -> freezing -> frozen -> assembled -> committed
       any state before committed -> aborting -> idle
+      committed -> aborting -> idle   (withdraw: the kexec will not happen)
 
 * a **participant** inside a handover::
 
@@ -60,6 +61,7 @@ class HandoverEvent(StrEnum):
     ASSEMBLE = "assemble"
     COMMIT = "commit"
     ABORT = "abort"
+    WITHDRAW = "withdraw"
     RESET = "reset"
 
 
@@ -109,9 +111,10 @@ HANDOVER_TABLE: dict[HandoverState, dict[HandoverEvent, HandoverState]] = {
     H.FREEZING: {HandoverEvent.ALL_FROZEN: H.FROZEN, HandoverEvent.ABORT: H.ABORTING},
     H.FROZEN: {HandoverEvent.ASSEMBLE: H.ASSEMBLED, HandoverEvent.ABORT: H.ABORTING},
     H.ASSEMBLED: {HandoverEvent.COMMIT: H.COMMITTED, HandoverEvent.ABORT: H.ABORTING},
-    # Committed is final for this boot, like KHO after finalization (-EBUSY):
-    # the payload is in the kernel's hands; only the next boot restores it.
-    H.COMMITTED: {},
+    # Committed is final for this boot, like KHO after finalization (-EBUSY),
+    # with one way back: the operator withdraws the payload because the kexec
+    # will not happen (postponed, `kexec -l` failed), and everyone thaws.
+    H.COMMITTED: {HandoverEvent.WITHDRAW: H.ABORTING},
     H.ABORTING: {HandoverEvent.RESET: H.IDLE},
 }
 

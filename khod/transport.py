@@ -312,15 +312,18 @@ class Connection:
         content_type: str,
         timeout: float,
         retry_every: float = 2.0,
+        correlation: bytes | None = None,
     ) -> aiomqtt.Message:
         """Send a request and await its one reply, re-sending across reconnects.
 
         The correlation data stays the same for every re-send, so the daemon
-        recognises a duplicate and answers it from its reply cache.
+        recognises a duplicate and answers it from its reply cache. A caller
+        that must retry across its own restart passes the ``correlation`` it
+        used before, and gets the same answer.
         """
         if self.reply_topic is None:
             raise RuntimeError("Connection.request() needs reply_topic set before run()")
-        correlation = uuid.uuid4().bytes
+        correlation = correlation or uuid.uuid4().bytes
         fut: asyncio.Future[aiomqtt.Message] = asyncio.get_running_loop().create_future()
         self._pending[correlation] = fut
         loop = asyncio.get_running_loop()
