@@ -122,12 +122,18 @@ class Status(BaseModel):
 
 
 class Request(Model):
+    # Strict: JSON types are never coerced. "yes" is not a boolean, true is not
+    # a number, "1" is not an integer; on a host about to kexec a wrong type is
+    # a client bug to refuse, not to guess at. One widening is allowed, as in
+    # JSON itself: an integer where a number (float) is expected (deadline 60).
+    model_config = ConfigDict(strict=True)
+
     protocol: int = PROTOCOL_VERSION
 
 
 class RegisterRequest(Request):
     compatible: str = Field(max_length=128)
-    # Strict: JSON true must not become instance 1, nor "7" become 7.
+    # JSON true must not become instance 1, nor "7" become 7.
     instance: StrictInt | StrictStr
     freeze_after: list[str] = Field(default_factory=list, max_length=256)
     restore_after: list[str] = Field(default_factory=list, max_length=256)
@@ -142,7 +148,7 @@ class EmptyRequest(Request):
 
 
 class BeginRequest(Request):
-    deadline: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    deadline: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, allow_inf_nan=False)
     expect: list[str] | None = Field(default=None, max_length=4096)
     auto_freeze: bool = True
 
