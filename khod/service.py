@@ -79,6 +79,8 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
             topics.participant_states,
         ],
         no_local=True,
+        # A retained request must be recognisable as such to be ignored.
+        retain_as_published=True,
         # Requests and wills sent while the daemon restarts wait for it.
         session_expiry=SESSION_EXPIRY,
         will=aiomqtt.Will(

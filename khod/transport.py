@@ -146,6 +146,10 @@ class Connection:
       will: the last will, published by the broker if this process vanishes.
       no_local: do not receive our own publications on our subscriptions
         (MQTT v5 No Local), e.g. a daemon that watches the topics it writes.
+      retain_as_published: keep the retain flag of messages forwarded live
+        (MQTT v5 Retain As Published). Without it the broker clears the flag
+        on live delivery, and a receiver cannot tell that a message was
+        retained, e.g. a daemon that must never execute a retained request.
       session_expiry: keep the session (subscriptions and queued QoS 1
         messages) this many seconds after a disconnect, so that requests and
         wills sent while this client restarts wait for it at the broker.
@@ -163,6 +167,7 @@ class Connection:
         will: aiomqtt.Will | None = None,
         keepalive: int = 10,
         no_local: bool = False,
+        retain_as_published: bool = False,
         session_expiry: int | None = None,
     ) -> None:
         self.url = url
@@ -173,6 +178,7 @@ class Connection:
         self.will = will
         self.keepalive = keepalive
         self.no_local = no_local
+        self.retain_as_published = retain_as_published
         self.session_expiry = session_expiry
         self.connects = 0
         self._client: aiomqtt.Client | None = None
@@ -220,7 +226,9 @@ class Connection:
                     topics = [*self.subscriptions]
                     if self.reply_topic:
                         topics.append(self.reply_topic)
-                    options = SubscribeOptions(qos=1, noLocal=self.no_local)
+                    options = SubscribeOptions(
+                        qos=1, noLocal=self.no_local, retainAsPublished=self.retain_as_published
+                    )
                     for topic in topics:
                         await client.subscribe(topic, options=options)
                     self.connects += 1
