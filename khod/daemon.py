@@ -59,6 +59,7 @@ from khod.protocol import (
     RegisterRequest,
     Reply,
     Topics,
+    check_correlation,
     decode,
     encode,
 )
@@ -304,6 +305,10 @@ class Daemon:
             refusal = ProtocolError(f"response topic must be {response_topic}")
             await self.announce.reply(response_topic, _error(op, refusal), JSON, correlation)
             return
+        if response_topic is not None and not await self._correlation_ok(
+            op, response_topic, correlation
+        ):
+            return
         key = self._replies.key(topic, payload, response_topic or "", correlation or b"")
         cached = self._replies.get(key) if response_topic and correlation else None
         if cached is not None and response_topic is not None:
@@ -342,6 +347,18 @@ class Daemon:
             client = response_topic.removeprefix(self.topics.control_reply(""))
             return client != response_topic and names.HOST_RE.fullmatch(client) is not None
         return response_topic == self.topics.reply(name)
+
+    async def _correlation_ok(
+        self, op: str, response_topic: str, correlation: bytes | None
+    ) -> bool:
+        # The reply cache keeps the correlation data: bound it before anything is kept.
+        try:
+            check_correlation(correlation)
+        except ProtocolError as exc:
+            log.info("%s refused: %s", op, exc)
+            await self.announce.reply(response_topic, _error(op, exc), JSON, correlation)
+            return False
+        return True
 
     async def _stale_state(self, topic: str, payload: bytes) -> None:
         """A retained state of a participant nobody knows any more: clear it."""

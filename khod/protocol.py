@@ -40,6 +40,10 @@ JSON = "application/json"
 DTB = "application/x-dtb"
 #: JSON bodies are small; anything bigger is hostile or a bug.
 MAX_JSON_BODY = 64 * 1024
+#: The daemon remembers the correlation data of every request it answers (its
+#: reply cache): a request with more than this is refused, not remembered.
+#: Generous for a UUID (16 bytes raw, 36 as text) or any printable id.
+MAX_CORRELATION_DATA = 128
 
 
 class ParticipantOp(StrEnum):
@@ -237,6 +241,14 @@ class ParticipantStatus(Status):
     fragment_sha256: str | None = None
     error: str | None = None
     updated_at: float
+
+
+def check_correlation(correlation: bytes | None) -> None:
+    """ProtocolError if the correlation data is longer than MAX_CORRELATION_DATA."""
+    if correlation is not None and len(correlation) > MAX_CORRELATION_DATA:
+        raise ProtocolError(
+            f"correlation data of {len(correlation)} bytes exceeds {MAX_CORRELATION_DATA}"
+        )
 
 
 def decode(model: type[Request], body: bytes) -> Request:

@@ -35,6 +35,7 @@ from khod.payload import PayloadImage
 from khod.protocol import (
     DTB,
     JSON,
+    MAX_CORRELATION_DATA,
     MAX_JSON_BODY,
     AbortRequest,
     BeginRequest,
@@ -51,7 +52,7 @@ from khod.protocol import (
     Reply,
     Topics,
 )
-from khod.replies import ReplyCache
+from khod.replies import ENTRY_OVERHEAD, ReplyCache
 from khod.store import Store
 from tests.fakes import Recorder
 
@@ -223,6 +224,8 @@ def test_protocol_md_reply_data_table_covers_every_op(protocol_md: str) -> None:
 
 def test_protocol_md_states_the_limits(protocol_md: str) -> None:
     assert f"{MAX_JSON_BODY} bytes" in protocol_md
+    assert f"at most {MAX_CORRELATION_DATA} bytes" in protocol_md
+    assert f"fixed {ENTRY_OVERHEAD} bytes per entry" in protocol_md
     cache = ReplyCache()
     assert f"last {cache.max_entries} replies" in protocol_md
     assert f"{cache.max_bytes // 2**20} MiB" in protocol_md
