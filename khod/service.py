@@ -34,6 +34,10 @@ log = logging.getLogger("khod")
 
 TICK = 0.25
 SESSION_EXPIRY = 3600
+#: Received requests waiting for the daemon, in bytes: under a flood the rest
+#: is dropped (and re-sent by its sender) instead of growing the daemon's
+#: memory. More than the largest request: a 1 MiB fragment plus its properties.
+MAX_INBOUND_BYTES = 16 * 1024 * 1024
 
 
 def setup_logging() -> None:
@@ -81,6 +85,7 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
         no_local=True,
         # A retained request must be recognisable as such to be ignored.
         retain_as_published=True,
+        max_inbound_bytes=MAX_INBOUND_BYTES,
         # Requests and wills sent while the daemon restarts wait for it.
         session_expiry=SESSION_EXPIRY,
         will=aiomqtt.Will(
