@@ -202,7 +202,9 @@ class Daemon:
 
     def participant_status(self, name: str) -> ParticipantStatus | None:
         if self.inc is not None and name in self.inc.claims:
-            return claim_status(self.inc.claims[name], self.inc.handover_id)
+            return claim_status(
+                self.inc.claims[name], self.inc.handover_id, self.out.participants.get(name)
+            )
         p = self.out.participants.get(name)
         if p is None:
             return None

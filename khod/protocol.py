@@ -228,6 +228,18 @@ class HandoverStatus(Status):
     updated_at: float
 
 
+class Registration(Status):
+    """A participant's registration for the next handover, made while its host restores."""
+
+    state: str
+    compatible: str
+    instance: int | str
+    freeze_after: list[str] = Field(default_factory=list)
+    restore_after: list[str] = Field(default_factory=list)
+    error: str | None = None
+    updated_at: float
+
+
 class ParticipantStatus(Status):
     protocol: int = PROTOCOL_VERSION
     name: str
@@ -241,6 +253,9 @@ class ParticipantStatus(Status):
     fragment_sha256: str | None = None
     error: str | None = None
     updated_at: float
+    #: Incoming side only: the state above is the restore's, and this is the
+    #: registration for the next handover, once the participant has made one.
+    registration: Registration | None = None
 
 
 def check_correlation(correlation: bytes | None) -> None:

@@ -6,7 +6,7 @@ Pure functions: the aggregates in, the wire models of ``khod.protocol`` out.
 from __future__ import annotations
 
 from khod.handover import Outgoing, Participant
-from khod.protocol import HandoverStatus, ParticipantStatus
+from khod.protocol import HandoverStatus, ParticipantStatus, Registration
 from khod.restore import Claim, Incoming
 
 
@@ -65,7 +65,19 @@ def incoming_status(inc: Incoming, *, now: float) -> HandoverStatus:
     )
 
 
-def claim_status(c: Claim, handover_id: str) -> ParticipantStatus:
+def claim_status(c: Claim, handover_id: str, registered: Participant | None) -> ParticipantStatus:
+    """A restore claim, and the registration made since for the next handover."""
+    registration = None
+    if registered is not None:
+        registration = Registration(
+            state=str(registered.state),
+            compatible=registered.compatible,
+            instance=registered.instance,
+            freeze_after=list(registered.freeze_after),
+            restore_after=list(registered.restore_after),
+            error=registered.error,
+            updated_at=registered.updated_at,
+        )
     return ParticipantStatus(
         name=c.name,
         state=str(c.state),
@@ -76,4 +88,5 @@ def claim_status(c: Claim, handover_id: str) -> ParticipantStatus:
         fragment_size=c.size,
         fragment_sha256=c.sha256,
         updated_at=c.updated_at,
+        registration=registration,
     )

@@ -49,6 +49,7 @@ from khod.protocol import (
     ParticipantOp,
     ParticipantStatus,
     RegisterRequest,
+    Registration,
     Reply,
     Topics,
 )
@@ -72,6 +73,7 @@ MODELS: list[type[BaseModel]] = [
     DaemonStatus,
     HandoverStatus,
     ParticipantStatus,
+    Registration,
 ]
 PARTICIPANT_OPS = [str(op) for op in ParticipantOp]
 CONTROL_OPS = [str(op) for op in ControlOp]
