@@ -193,3 +193,80 @@ def test_bytes_after_the_last_fragment_are_refused(
     capsys.readouterr()
     assert inspect.main(bad) == 1
     assert "bytes after participant 'vm-a'" in capsys.readouterr().err
+
+
+# -- error precedence (protocol.md §7.1): where two refusals apply, the first one wins ----
+
+BIG = b"\0" * 5000  # over the default max_fragment_size, and not an FDT either
+
+
+@pytest.mark.parametrize(
+    ("setup", "name", "op", "body", "code", "says"),
+    [
+        # an invalid name that also names itself: the name is checked first
+        ([], "-x", "register", {**{"compatible": COMPAT, "instance": 9}, "freeze_after": ["-x"]},
+         "bad-registration", "-x"),
+        ([], "vm-b", "register", {"compatible": COMPAT, "instance": 1, "freeze_after": ["vm-b"]},
+         "bad-ordering", "itself"),
+        # too large and from an unknown participant: the size first
+        ([], "nobody", "fragment", BIG, "fragment-too-large", "5000"),
+        # unknown and outside any handover: unknown first
+        ([], "nobody", "revise", b"", "unknown-participant", "nobody"),
+        ([], "vm-a", "revise", b"", "busy", "not part of a running handover"),
+        # the handover is preparing and vm-a is not serialized: busy before illegal-transition
+        (["begin"], "vm-a", "frozen", b"", "busy", "not freezing"),
+        (["begin"], "nobody", "fail", b"", "unknown-participant", "nobody"),
+        # no incoming payload, and no such participant: busy first
+        ([], "nobody", "retrieve", b"", "busy", "no incoming payload"),
+        ([], "nobody", "finish", b"", "busy", "no incoming payload"),
+        # a handover already running, and an invalid expect: the state first
+        (["begin"], None, "begin", {"expect": ["-bad"]}, "illegal-transition", "begin"),
+        ([], None, "begin", {"expect": ["-bad"]}, "bad-registration", "-bad"),
+        ([], None, "begin", {"expect": []}, "no-participants", "expect"),
+        # idle, and nothing serialized: the state first
+        ([], None, "freeze", {"force": True}, "illegal-transition", "freeze"),
+        (["begin"], None, "freeze", {}, "not-ready", "vm-a"),
+        ([], None, "abort", {}, "illegal-transition", "abort"),
+        # a body that is malformed in two ways: the body is refused as a whole
+        ([], "vm-a", "fail", {"reason": 5, "extra": 1}, "bad-request", "reason"),
+    ],
+)  # fmt: skip
+def test_the_first_applicable_refusal_wins(
+    tmp_path: Path,
+    setup: list[str],
+    name: str | None,
+    op: str,
+    body: bytes | dict[str, Any],
+    code: str,
+    says: str,
+) -> None:
+    async def run() -> None:
+        bus = Bus(tmp_path)
+        await bus.ok("vm-a", "register", {"compatible": COMPAT, "instance": 1})
+        if "begin" in setup:
+            await bus.ok(None, "begin", {"deadline": 60, "auto_freeze": False})
+        before = bus.daemon.handover_status().model_dump(exclude={"updated_at"})
+        reply = await bus.call(name, op, body)
+        assert not reply.ok and reply.error is not None
+        assert reply.error.code == code, reply.error
+        assert says in reply.error.message, reply.error
+        assert bus.daemon.handover_status().model_dump(exclude={"updated_at"}) == before
+        bus.store.close()
+
+    asyncio.run(run())
+
+
+def test_long_correlation_data_is_refused_before_the_op_is_looked_at(tmp_path: Path) -> None:
+    async def run() -> None:
+        bus = Bus(tmp_path)
+        start = len(bus.pub.sent)
+        reply_to = bus.t.control_reply("t")
+        topic = f"{bus.t.prefix}/ctl/req/no-such-op"
+        await bus.daemon.handle(topic, b"", (JSON, reply_to, b"c" * 200))
+        [(_, payload, _)] = [s for s in bus.pub.sent[start:] if s[0] == reply_to]
+        reply = Reply.model_validate_json(payload)
+        assert reply.error is not None and reply.error.code == "bad-request"
+        assert "correlation data" in reply.error.message
+        bus.store.close()
+
+    asyncio.run(run())

@@ -219,6 +219,11 @@ def test_protocol_md_field_table_is_exactly_the_model(protocol_md: str, model: t
     )
 
 
+def test_protocol_md_error_precedence_covers_every_op(protocol_md: str) -> None:
+    documented = table_keys(section(protocol_md, "7.1 Which error when several apply"))
+    assert sorted(documented) == sorted(PARTICIPANT_OPS + CONTROL_OPS)
+
+
 def test_protocol_md_reply_data_table_covers_every_op(protocol_md: str) -> None:
     documented = table_keys(section(protocol_md, "4.4 Reply data per op"))
     assert sorted(documented) == sorted(PARTICIPANT_OPS + CONTROL_OPS)
