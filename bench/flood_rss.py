@@ -144,11 +144,9 @@ async def measure(
     served, flood_done = Served(), asyncio.Event()
     asker = asyncio.create_task(keep_asking(url, host, flood_done, served))
     # The baseline is a daemon that has served a request already.
-    await asyncio.wait(
-        {asker, asyncio.ensure_future(served.first.wait())},
-        timeout=30,
-        return_when=asyncio.FIRST_COMPLETED,
-    )
+    first = asyncio.ensure_future(served.first.wait())
+    await asyncio.wait({asker, first}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    first.cancel()
     before = memory_kib(pid)
     try:
         await flood(url, host, count=count, size=size, correlation=correlation, senders=senders)

@@ -439,7 +439,7 @@ class Node:
     """One node as read from a blob; names are latin-1 so that any byte survives."""
 
     name: str
-    where: _Path = field(repr=False)
+    where: _Path = field(repr=False, compare=False)
     properties: tuple[tuple[str, bytes], ...]
     children: tuple[Node, ...]
 

@@ -36,8 +36,10 @@ TICK = 0.25
 SESSION_EXPIRY = 3600
 #: Received requests waiting for the daemon, in bytes: under a flood the rest
 #: is dropped (and re-sent by its sender) instead of growing the daemon's
-#: memory. More than the largest request: a 1 MiB fragment plus its properties.
-MAX_INBOUND_BYTES = 16 * 1024 * 1024
+#: memory. Far more than the largest request (a 1 MiB fragment), and enough
+#: for a burst of ~3,800 small requests (~8.5 KiB each as accounted, mostly
+#: paho's objects), e.g. every participant of a large host freezing at once.
+MAX_INBOUND_BYTES = 32 * 1024 * 1024
 
 
 def setup_logging() -> None:

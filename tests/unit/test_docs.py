@@ -239,6 +239,20 @@ def test_protocol_md_states_the_limits(protocol_md: str) -> None:
     assert "`application/json`" in protocol_md and f"`{DTB}`" in protocol_md and JSON in protocol_md
 
 
+def test_reliability_md_states_the_hostile_input_bounds(protocol_md: str) -> None:
+    from khod.fdt import MAX_DEPTH, MAX_NAME_LEN
+    from khod.service import MAX_INBOUND_BYTES
+    from tests.integration.test_hostile import FLOOD_GROWTH_MIB
+
+    text = section((DOCS / "reliability.md").read_text(), "Hostile input")
+    inbound = f"{MAX_INBOUND_BYTES // 2**20} MiB"
+    assert f"**{inbound}**" in text and f"than {inbound} of them" in protocol_md
+    assert f"{MAX_INBOUND_BYTES // 4 // 2**20} MiB more" in text
+    assert f"at most **{FLOOD_GROWTH_MIB} MiB**" in text
+    assert f"**{MAX_CORRELATION_DATA} bytes**" in text
+    assert f"**{MAX_DEPTH}** nodes deep" in text and f"**{MAX_NAME_LEN} bytes**" in text
+
+
 # -- asyncapi.yaml ---------------------------------------------------------------
 
 
