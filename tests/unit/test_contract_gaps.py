@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from khod import fdt, inspect
 from khod.config import Settings
 from khod.daemon import Daemon
 from khod.errors import PayloadError
+from khod.monitor import participants_table
 from khod.payload import PayloadImage
 from khod.protocol import (
     DTB,
@@ -113,6 +115,10 @@ def test_a_registration_during_a_restore_is_confirmed_at_once(tmp_path: Path) ->
         status = await bus.ok(None, "status")
         [listed] = status["participants"]
         assert listed["registration"]["state"] == "registered"
+        # An operator sees it too.
+        console = Console(width=200, record=True)
+        console.print(participants_table([ParticipantStatus.model_validate(listed)]))
+        assert "available (next: registered)" in console.export_text()
         # Restoring goes on as before, the registration shown throughout.
         assert bytes.fromhex((await bus.ok("vm-a", "retrieve"))["raw"]) == fragment(1)
         data = await bus.ok("vm-a", "finish")
