@@ -77,6 +77,7 @@ from khod.protocol import (
     Reply,
     Request,
     Topics,
+    check_correlation,
     decode,
     encode,
 )
@@ -177,6 +178,8 @@ class Daemon:
         #: replies held until the commit is over: (response topic, correlation, key, name)
         self._after_commit: list[tuple[str, bytes | None, Key | None, str]] = []
         self._hold_reply = False
+        #: keys of requests queued or waiting for the commit, not answered yet
+        self._inflight: set[Key] = set()
         self._progress_dirty = True
 
     # -- start-up ------------------------------------------------------------
@@ -340,11 +343,15 @@ class Daemon:
         self._progress_dirty = True
         out = self.out
         if changes.handover:
-            if self.inc is not None and any(t.subject == "restore" for t in changes.transitions):
+            # A new state is a signal (a new number, a broadcast to everyone);
+            # a participant joining a preparing handover is not.
+            subjects = {t.subject for t in changes.transitions}
+            if self.inc is not None and "restore" in subjects:
                 self.inc.seq = self._next_seq()
-            else:
+                batch.signal = True
+            elif "handover" in subjects:
                 out.handover.seq = self._next_seq()
-            batch.signal = True
+                batch.signal = True
             record = out.handover.to_record()
             batch.writes.append(lambda s: s.save_handover(record))
         for name in changes.participants:
@@ -353,7 +360,8 @@ class Daemon:
                 p.seq = self._next_seq()
                 rec = p.to_record()
                 batch.writes.append(lambda s, n=name, r=rec: s.save_participant(n, r))  # type: ignore[misc]
-            elif self.inc is not None and name in self.inc.claims:
+            if self.inc is not None and name in self.inc.claims:
+                # Its state topic shows the claim (and its new registration, if any).
                 self.inc.claims[name].seq = self._next_seq()
             batch.participants[name] = None
         for name in changes.removed:
@@ -369,6 +377,7 @@ class Daemon:
                 )
             )
         if self.inc is not None and any(n in self.inc.claims for n in changes.participants):
+            # Claims' sequence numbers are part of the incoming record.
             record = self._incoming_record()
             batch.writes.append(lambda s: s.save_restore(record))
         batch.commit |= changes.assemble
@@ -376,7 +385,8 @@ class Daemon:
     async def _flush(self, batch: Batch) -> None:
         """Make the batch durable (one transaction, off the event loop), then announce it."""
         for _, body, ctype, _, key in batch.replies:
-            if key is not None:
+            # Raw fragments are not kept on disk: retrieve is idempotent anyway.
+            if key is not None and ctype != DTB:
                 batch.writes.append(
                     lambda s, k=key, b=body, c=ctype: s.put_reply(k, b, c, keep=REPLIES_KEPT)  # type: ignore[misc]
                 )
@@ -401,6 +411,7 @@ class Daemon:
         for key, body, ctype in ((k, b, c) for _, b, c, _, k in batch.replies):
             if key is not None:
                 self._replies.put(key, body, ctype)
+                self._inflight.discard(key)
         # In order: the daemon, the signal, the states, then the replies that
         # caused them; sent together, acknowledged together.
         sends: list[Awaitable[object]] = []
@@ -437,7 +448,9 @@ class Daemon:
 
     def participant_status(self, name: str) -> ParticipantStatus | None:
         if self.inc is not None and name in self.inc.claims:
-            return claim_status(self.inc, name, epoch=self.epoch_id)
+            return claim_status(
+                self.inc, name, self.out.participants.get(name), epoch=self.epoch_id
+            )
         if name not in self.out.participants:
             return None
         return participant_status(self.out, name, epoch=self.epoch_id)
@@ -505,6 +518,10 @@ class Daemon:
             refusal = ProtocolError(f"response topic must be {response_topic}")
             await self.announce.reply(response_topic, _error(op, refusal), JSON, correlation)
             return
+        if response_topic is not None and not await self._correlation_ok(
+            op, response_topic, correlation
+        ):
+            return
         key = None
         if response_topic and correlation:
             key = self._replies.key(topic, payload, response_topic, correlation)
@@ -512,8 +529,9 @@ class Daemon:
             if cached is not None:
                 await self.announce.reply(response_topic, *cached, correlation)  # a replay
                 return
-            if any(k == key for _, _, k, _ in self._after_commit):
-                return  # a replay of a reply that waits for the commit: it will come
+            if key in self._inflight:
+                return  # a replay of a request not answered yet: its reply will come
+            self._inflight.add(key)
 
         async def execute(batch: Batch) -> None:
             self._hold_reply = False
@@ -559,6 +577,19 @@ class Daemon:
             client = response_topic.removeprefix(self.topics.control_reply(""))
             return client != response_topic and names.HOST_RE.fullmatch(client) is not None
         return response_topic == self.topics.reply(name)
+
+    async def _correlation_ok(
+        self, op: str, response_topic: str, correlation: bytes | None
+    ) -> bool:
+        # Replies are kept under a digest of the correlation data: bound it
+        # before anything is digested, kept or written to the store.
+        try:
+            check_correlation(correlation)
+        except ProtocolError as exc:
+            log.info("%s refused: %s", op, exc)
+            await self.announce.reply(response_topic, _error(op, exc), JSON, correlation)
+            return False
+        return True
 
     async def _stale_state(self, topic: str, payload: bytes) -> None:
         """A retained state of a participant nobody knows any more: clear it."""
@@ -701,7 +732,10 @@ class Daemon:
         assert self.image is not None
         claim = inc.claim(name)  # unknown-participant before anything else
         blob = self.image.retrieve(name)
-        if claim.state is not RestoreState.RETRIEVED:
+        if claim.state is RestoreState.RETRIEVED:
+            # Again (a restarted participant): the same bytes, while not released.
+            inc.check_open(name, "retrieve its fragment")
+        else:
             self._stage(inc.retrieve(name, now=self.now()))
         return blob
 

@@ -370,6 +370,10 @@ class Outgoing:
 
     def revise(self, name: str, *, now: float) -> Changes:
         p = self._member(name, "revise its fragment")
+        if p.state is P.PREPARING:
+            # No fragment to withdraw: nothing changes, so nothing is stored or republished.
+            participant_next(p.state, ParticipantEvent.REVISE)
+            return Changes()
         changes = Changes()
         self._participant(changes, p, ParticipantEvent.REVISE, now)
         p.fragment_size = p.fragment_sha256 = None

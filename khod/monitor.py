@@ -353,7 +353,11 @@ def participants_table(
         # Text, not str: a str cell is rich markup, and an instance may hold "[".
         cells = [
             Text(p.name),
-            Text(p.state, STATE_STYLE.get(p.state, "")),
+            Text.assemble(
+                (p.state, STATE_STYLE.get(p.state, "")),
+                # Restoring, and registered already for the next handover.
+                (f" (next: {p.registration.state})" if p.registration else "", "dim"),
+            ),
             Text(p.compatible),
             Text(str(p.instance)),
             Text("-" if p.fragment_size is None else f"{p.fragment_size} B"),

@@ -370,7 +370,10 @@ class PayloadImage:
             except FragmentError as e:
                 raise PayloadError(f"{at}: {e}") from None
             end, previous = ref.offset + ref.size, f"participant {ref.name!r}"
-        _check_zero(data, end, len(data))
+        if len(data) != end:
+            raise PayloadError(
+                f"{len(data) - end} bytes after {previous}, which ends the image at 0x{end:x}"
+            )
         return cls(handover_id, base, tuple(refs), data, root_size, page_size)
 
     @classmethod

@@ -51,6 +51,10 @@ JSON = "application/json"
 DTB = "application/x-dtb"
 #: JSON bodies are small; anything bigger is hostile or a bug.
 MAX_JSON_BODY = 64 * 1024
+#: The daemon remembers the correlation data of every request it answers (its
+#: reply cache): a request with more than this is refused, not remembered.
+#: Generous for a UUID (16 bytes raw, 36 as text) or any printable id.
+MAX_CORRELATION_DATA = 128
 
 
 class ParticipantOp(StrEnum):
@@ -134,12 +138,18 @@ class Status(BaseModel):
 
 
 class Request(Model):
+    # Strict: JSON types are never coerced. "yes" is not a boolean, true is not
+    # a number, "1" is not an integer; on a host about to kexec a wrong type is
+    # a client bug to refuse, not to guess at. One widening is allowed, as in
+    # JSON itself: an integer where a number (float) is expected (deadline 60).
+    model_config = ConfigDict(strict=True)
+
     protocol: int = PROTOCOL_VERSION
 
 
 class RegisterRequest(Request):
     compatible: str = Field(max_length=128)
-    # Strict: JSON true must not become instance 1, nor "7" become 7.
+    # JSON true must not become instance 1, nor "7" become 7.
     instance: StrictInt | StrictStr
     freeze_after: list[str] = Field(default_factory=list, max_length=256)
     restore_after: list[str] = Field(default_factory=list, max_length=256)
@@ -154,7 +164,7 @@ class EmptyRequest(Request):
 
 
 class BeginRequest(Request):
-    deadline: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    deadline: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, allow_inf_nan=False)
     expect: list[str] | None = Field(default=None, max_length=4096)
     auto_freeze: bool = True
 
@@ -259,6 +269,18 @@ class HandoverStatus(Status):
     updated_at: float
 
 
+class Registration(Status):
+    """A participant's registration for the next handover, made while its host restores."""
+
+    state: str
+    compatible: str
+    instance: int | str
+    freeze_after: list[str] = Field(default_factory=list)
+    restore_after: list[str] = Field(default_factory=list)
+    error: str | None = None
+    updated_at: float
+
+
 class ParticipantStatus(Status):
     """One participant's retained state (or, after a kexec, its fragment's restore state).
 
@@ -284,6 +306,17 @@ class ParticipantStatus(Status):
     may_freeze: bool | None = None
     may_retrieve: bool | None = None
     updated_at: float
+    #: Incoming side only: the state above is the restore's, and this is the
+    #: registration for the next handover, once the participant has made one.
+    registration: Registration | None = None
+
+
+def check_correlation(correlation: bytes | None) -> None:
+    """ProtocolError if the correlation data is longer than MAX_CORRELATION_DATA."""
+    if correlation is not None and len(correlation) > MAX_CORRELATION_DATA:
+        raise ProtocolError(
+            f"correlation data of {len(correlation)} bytes exceeds {MAX_CORRELATION_DATA}"
+        )
 
 
 def newer(

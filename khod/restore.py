@@ -142,7 +142,7 @@ class Incoming:
 
     def retrieve(self, name: str, *, now: float) -> Changes:
         claim = self.claim(name)
-        self._check_open(name, "retrieve its fragment")
+        self.check_open(name, "retrieve its fragment")
         waiting = self.waiting_for(name)
         if waiting:
             raise OrderingError(
@@ -154,7 +154,7 @@ class Incoming:
 
     def finish(self, name: str, *, now: float) -> Changes:
         claim = self.claim(name)
-        self._check_open(name, "finish")
+        self.check_open(name, "finish")
         changes = Changes()
         finished = self.finished_count()
         self._step(changes, claim, RestoreEvent.FINISH, now)
@@ -215,7 +215,7 @@ class Incoming:
                 f"no fragment for {name!r} in the incoming payload {self.handover_id}"
             ) from None
 
-    def _check_open(self, name: str, what: str) -> None:
+    def check_open(self, name: str, what: str) -> None:
         if self.state is HostRestoreState.RELEASED:
             raise Busy(f"{name!r} cannot {what}: the incoming payload was released")
 

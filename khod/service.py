@@ -34,6 +34,12 @@ log = logging.getLogger("khod")
 
 TICK = 0.25
 SESSION_EXPIRY = 3600
+#: Received requests waiting for the daemon, in bytes: under a flood the rest
+#: is dropped (and re-sent by its sender) instead of growing the daemon's
+#: memory. Far more than the largest request (a 1 MiB fragment), and enough
+#: for a burst of ~3,800 small requests (~8.5 KiB each as accounted, mostly
+#: paho's objects), e.g. every participant of a large host freezing at once.
+MAX_INBOUND_BYTES = 32 * 1024 * 1024
 
 
 def setup_logging() -> None:
@@ -79,6 +85,9 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
             topics.participant_states,
         ],
         no_local=True,
+        # A retained request must be recognisable as such to be ignored.
+        retain_as_published=True,
+        max_inbound_bytes=MAX_INBOUND_BYTES,
         # Requests and wills sent while the daemon restarts wait for it.
         session_expiry=SESSION_EXPIRY,
         will=aiomqtt.Will(

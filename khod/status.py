@@ -7,8 +7,8 @@ detailed views for monitors and operators.
 
 from __future__ import annotations
 
-from khod.handover import Outgoing
-from khod.protocol import HandoverSignal, HandoverStatus, ParticipantStatus
+from khod.handover import Outgoing, Participant
+from khod.protocol import HandoverSignal, HandoverStatus, ParticipantStatus, Registration
 from khod.restore import Incoming
 
 
@@ -108,8 +108,22 @@ def participant_status(out: Outgoing, name: str, *, epoch: str) -> ParticipantSt
     )
 
 
-def claim_status(inc: Incoming, name: str, *, epoch: str) -> ParticipantStatus:
+def claim_status(
+    inc: Incoming, name: str, registered: Participant | None, *, epoch: str
+) -> ParticipantStatus:
+    """A restore claim, and the registration made since for the next handover."""
     c = inc.claims[name]
+    registration = None
+    if registered is not None:
+        registration = Registration(
+            state=str(registered.state),
+            compatible=registered.compatible,
+            instance=registered.instance,
+            freeze_after=list(registered.freeze_after),
+            restore_after=list(registered.restore_after),
+            error=registered.error,
+            updated_at=registered.updated_at,
+        )
     return ParticipantStatus(
         seq=c.seq,
         epoch=epoch,
@@ -123,4 +137,5 @@ def claim_status(inc: Incoming, name: str, *, epoch: str) -> ParticipantStatus:
         fragment_sha256=c.sha256,
         may_retrieve=inc.may_retrieve(name),
         updated_at=c.updated_at,
+        registration=registration,
     )

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -119,6 +121,79 @@ def payload_bytes(message: aiomqtt.Message) -> bytes:
     return b"" if p is None else str(p).encode()
 
 
+#: What one queued message costs beyond its payload, topics and correlation
+#: data: the Message and paho objects around them. Mostly paho's Properties,
+#: which carries its own tables per instance: ~6.1 KiB measured with
+#: tracemalloc (paho-mqtt 2.2), rounded up.
+MESSAGE_OVERHEAD = 8 * 1024
+
+
+def message_size(message: aiomqtt.Message) -> int:
+    """The bytes a received message holds on to, as accounted by InboundQueue."""
+    p = message.payload
+    body = len(p) if isinstance(p, bytes | bytearray | str) else 0
+    correlation = getattr(message.properties, "CorrelationData", None) or b""
+    response_topic = getattr(message.properties, "ResponseTopic", None) or ""
+    return (
+        MESSAGE_OVERHEAD + body + len(correlation) + len(response_topic) + len(message.topic.value)
+    )
+
+
+class InboundQueue(asyncio.Queue[aiomqtt.Message]):
+    """Received messages waiting for on_message, bounded by the bytes they hold.
+
+    aiomqtt's own queue is unbounded (or bounded by a count, which bounds
+    nothing when a message may be 1 MiB): a flood faster than on_message
+    would grow it without limit. Past ``max_bytes`` a message is dropped
+    (at QoS 1, already acknowledged: the sender's retry brings it back, which
+    is how khod's clients re-send a request that got no reply). One message
+    is always taken when the queue is empty, whatever its size, so that the
+    broker's maximum packet size, not this bound, decides what fits.
+
+    A message without a Response Topic is never re-sent (a participant's
+    will, a retained state): those get a reserve of a quarter more, so that a
+    flood of requests does not hide a participant that vanished.
+    """
+
+    def __init__(self, maxsize: int = 0, *, max_bytes: int) -> None:
+        super().__init__(maxsize)
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.dropped = 0
+        self._dropped_logged = 0
+        self._logged_at = -math.inf
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        size = message_size(item)
+        limit = self.max_bytes
+        if getattr(item.properties, "ResponseTopic", None) is None:
+            limit += self.max_bytes // 4
+        if self.bytes and self.bytes + size > limit:
+            self.dropped += 1
+            self._report()
+            return  # not QueueFull: aiomqtt would log every single one
+        super().put_nowait(item)
+        self.bytes += size
+
+    def _get(self) -> aiomqtt.Message:
+        item: aiomqtt.Message = super()._get()
+        self.bytes -= message_size(item)
+        return item
+
+    def _report(self) -> None:
+        # A flood must not become a flood of log lines too.
+        now = time.monotonic()
+        if now - self._logged_at >= 5:
+            log.warning(
+                "inbound queue over %d bytes: dropped %d messages (%d in all); "
+                "their senders' retries bring them back",
+                self.max_bytes,
+                self.dropped - self._dropped_logged,
+                self.dropped,
+            )
+            self._logged_at, self._dropped_logged = now, self.dropped
+
+
 class Backoff:
     """Exponential reconnect delay, reset by a successful connection."""
 
@@ -147,6 +222,12 @@ class Connection:
       will: the last will, published by the broker if this process vanishes.
       no_local: do not receive our own publications on our subscriptions
         (MQTT v5 No Local), e.g. a daemon that watches the topics it writes.
+      retain_as_published: keep the retain flag of messages forwarded live
+        (MQTT v5 Retain As Published). Without it the broker clears the flag
+        on live delivery, and a receiver cannot tell that a message was
+        retained, e.g. a daemon that must never execute a retained request.
+      max_inbound_bytes: bound the messages received and not yet handed to
+        on_message by the bytes they hold (InboundQueue); None: unbounded.
       session_expiry: keep the session (subscriptions and queued QoS 1
         messages) this many seconds after a disconnect, so that requests and
         wills sent while this client restarts wait for it at the broker.
@@ -164,6 +245,8 @@ class Connection:
         will: aiomqtt.Will | None = None,
         keepalive: int = 10,
         no_local: bool = False,
+        retain_as_published: bool = False,
+        max_inbound_bytes: int | None = None,
         session_expiry: int | None = None,
     ) -> None:
         self.url = url
@@ -174,6 +257,8 @@ class Connection:
         self.will = will
         self.keepalive = keepalive
         self.no_local = no_local
+        self.retain_as_published = retain_as_published
+        self.max_inbound_bytes = max_inbound_bytes
         self.session_expiry = session_expiry
         self.connects = 0
         self._client: aiomqtt.Client | None = None
@@ -195,6 +280,12 @@ class Connection:
         if self.session_expiry:
             connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             connect_props.SessionExpiryInterval = self.session_expiry
+        queue_type = None
+        if self.max_inbound_bytes is not None:
+            queue_type = cast(
+                "type[asyncio.Queue[aiomqtt.Message]]",
+                functools.partial(InboundQueue, max_bytes=self.max_inbound_bytes),
+            )
         return aiomqtt.Client(
             self.url.host,
             self.url.port,
@@ -208,6 +299,7 @@ class Connection:
             timeout=10,
             clean_start=not self.session_expiry,
             properties=connect_props,
+            queue_type=queue_type,
         )
 
     async def run(self) -> None:
@@ -222,7 +314,9 @@ class Connection:
                     topics = [*self.subscriptions]
                     if self.reply_topic:
                         topics.append(self.reply_topic)
-                    options = SubscribeOptions(qos=1, noLocal=self.no_local)
+                    options = SubscribeOptions(
+                        qos=1, noLocal=self.no_local, retainAsPublished=self.retain_as_published
+                    )
                     for topic in topics:
                         await client.subscribe(topic, options=options)
                     self.connects += 1

@@ -295,6 +295,4 @@ async def test_illegal_requests_are_answered_and_change_nothing(daemon: DaemonPr
         with pytest.raises(RemoteError) as info:
             await control(daemon, ControlOp.BEGIN)
         assert info.value.code == "illegal-transition"
-        with pytest.raises(RemoteError) as info:
-            await control(daemon, ControlOp.ABORT)
-        assert info.value.code == "illegal-transition"
+        # (an abort now would withdraw the payload: tests/integration/test_retries.py)

@@ -35,6 +35,7 @@ from khod.payload import PayloadImage
 from khod.protocol import (
     DTB,
     JSON,
+    MAX_CORRELATION_DATA,
     MAX_JSON_BODY,
     AbortRequest,
     BeginRequest,
@@ -48,10 +49,11 @@ from khod.protocol import (
     ParticipantOp,
     ParticipantStatus,
     RegisterRequest,
+    Registration,
     Reply,
     Topics,
 )
-from khod.replies import ReplyCache
+from khod.replies import ENTRY_OVERHEAD, ReplyCache
 from khod.store import Store
 from tests.fakes import Recorder
 
@@ -71,6 +73,7 @@ MODELS: list[type[BaseModel]] = [
     DaemonStatus,
     HandoverStatus,
     ParticipantStatus,
+    Registration,
 ]
 PARTICIPANT_OPS = [str(op) for op in ParticipantOp]
 CONTROL_OPS = [str(op) for op in ControlOp]
@@ -216,6 +219,11 @@ def test_protocol_md_field_table_is_exactly_the_model(protocol_md: str, model: t
     )
 
 
+def test_protocol_md_error_precedence_covers_every_op(protocol_md: str) -> None:
+    documented = table_keys(section(protocol_md, "7.1 Which error when several apply"))
+    assert sorted(documented) == sorted(PARTICIPANT_OPS + CONTROL_OPS)
+
+
 def test_protocol_md_reply_data_table_covers_every_op(protocol_md: str) -> None:
     documented = table_keys(section(protocol_md, "4.4 Reply data per op"))
     assert sorted(documented) == sorted(PARTICIPANT_OPS + CONTROL_OPS)
@@ -223,10 +231,26 @@ def test_protocol_md_reply_data_table_covers_every_op(protocol_md: str) -> None:
 
 def test_protocol_md_states_the_limits(protocol_md: str) -> None:
     assert f"{MAX_JSON_BODY} bytes" in protocol_md
+    assert f"at most {MAX_CORRELATION_DATA} bytes" in protocol_md
+    assert f"fixed {ENTRY_OVERHEAD} bytes per entry" in protocol_md
     cache = ReplyCache()
     assert f"last {cache.max_entries} replies" in protocol_md
     assert f"{cache.max_bytes // 2**20} MiB" in protocol_md
     assert "`application/json`" in protocol_md and f"`{DTB}`" in protocol_md and JSON in protocol_md
+
+
+def test_reliability_md_states_the_hostile_input_bounds(protocol_md: str) -> None:
+    from khod.fdt import MAX_DEPTH, MAX_NAME_LEN
+    from khod.service import MAX_INBOUND_BYTES
+    from tests.integration.test_hostile import FLOOD_GROWTH_MIB
+
+    text = section((DOCS / "reliability.md").read_text(), "Hostile input")
+    inbound = f"{MAX_INBOUND_BYTES // 2**20} MiB"
+    assert f"**{inbound}**" in text and f"than {inbound} of them" in protocol_md
+    assert f"{MAX_INBOUND_BYTES // 4 // 2**20} MiB more" in text
+    assert f"at most **{FLOOD_GROWTH_MIB} MiB**" in text
+    assert f"**{MAX_CORRELATION_DATA} bytes**" in text
+    assert f"**{MAX_DEPTH}** nodes deep" in text and f"**{MAX_NAME_LEN} bytes**" in text
 
 
 # -- asyncapi.yaml ---------------------------------------------------------------
