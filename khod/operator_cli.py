@@ -72,7 +72,13 @@ class Failed(Exception):
 
 def main(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings(args.config, broker=args.broker, host_id=args.host_id)
+        settings = load_settings(
+            args.config,
+            broker=args.broker,
+            host_id=args.host_id,
+            broker_username=args.broker_username,
+            broker_password_file=args.broker_password_file,
+        )
         if args.timeout <= 0:
             raise ConfigError(f"--timeout must be positive, not {args.timeout:g}")
         body = _request_body(args)

@@ -70,8 +70,9 @@ async def serve(settings: Settings, *, restore: Path | None = None) -> int:
 async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
     topics = Topics(settings.host_id)
     offline = encode(DaemonStatus(version=__version__, state="offline"))
+    url = settings.broker_url
     conn = Connection(
-        settings.broker_url,
+        url,
         identifier=f"khod-{settings.host_id}",
         subscriptions=[
             topics.all_participant_requests,
@@ -118,12 +119,12 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
         ]
         with contextlib.suppress(KhodError):
             await conn.wait_connected(30)
-        sdnotify.notify("READY=1", f"STATUS=khod {__version__} on {settings.broker_url}")
+        sdnotify.notify("READY=1", f"STATUS=khod {__version__} on {url}")
         log.info(
             "khod %s running: host %s, broker %s, state %s",
             __version__,
             settings.host_id,
-            settings.broker_url,
+            url,
             settings.state_dir,
         )
         await stop.wait()

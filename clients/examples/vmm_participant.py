@@ -179,6 +179,8 @@ async def run(args: argparse.Namespace) -> int:
         broker=args.broker,
         host_id=args.host_id,
         request_timeout=args.timeout,
+        username=args.broker_username,
+        password_file=args.broker_password_file,
     ) as p:
         if args.restore:
             return await restore(p)
@@ -192,6 +194,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--broker",
         default=os.environ.get("KHOD_BROKER", "mqtt://127.0.0.1:1883"),
         help="broker URL, mqtt://host:port or unix:///path (default: $KHOD_BROKER or local)",
+    )
+    ap.add_argument(
+        "--broker-username",
+        default=os.environ.get("KHOD_BROKER_USERNAME"),
+        help="broker user (default: $KHOD_BROKER_USERNAME; the shipped ACL wants the name)",
+    )
+    ap.add_argument(
+        "--broker-password-file",
+        default=os.environ.get("KHOD_BROKER_PASSWORD_FILE"),
+        help="file holding the broker password (default: $KHOD_BROKER_PASSWORD_FILE)",
     )
     ap.add_argument(
         "--host-id",
