@@ -118,6 +118,9 @@ class Participant:
         participant restarts, the broker takes over the old session and
         publishes the old connection's will before any request of the new
         one, instead of seconds later. Two live processes must not share it.
+        The shipped broker setup replaces it with the username (client ids
+        are bound to users there, docs/protocol.md, "Client ids"); its
+        ``khod-`` prefix is required there.
 
     Callbacks run one at a time, in order, in a task of the participant,
     outside of the message loop; an exception in one is logged.

@@ -8,6 +8,7 @@ private, and real ``khod run`` processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import sys
@@ -16,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 
 from khod.broker import PrivateBroker
-from khod.protocol import HandoverStatus
+from khod.protocol import JSON, ControlOp, HandoverStatus, ParticipantOp, Topics
+from khod.transport import BrokerURL, Connection, client_id, payload_bytes
 from khod_client import Participant
 from tests.daemonproc import DaemonProc
 
@@ -61,7 +64,12 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shipped]:
     broker = PrivateBroker(
         work / "broker",
         shipped=ROOT / "deploy" / "mosquitto",
-        passwords={"khod.passwd": passwords},
+        # As on a host: the socket's file has no operator, the TCP listener's
+        # has nobody else.
+        passwords={
+            "khod.passwd": {u: pw for u, pw in passwords.items() if u != "operator"},
+            "khod-operators.passwd": {"operator": passwords["operator"]},
+        },
     )
     broker.start()
     yield Shipped(broker, passwords, secrets_dir)
@@ -98,11 +106,9 @@ def participant(shipped: Shipped, host: str, name: str, **kw: Any) -> Participan
     )
 
 
-async def khod(
-    shipped: Shipped, host: str, *args: str, user: str = "operator"
-) -> tuple[int, str, str]:
+def khod_argv(shipped: Shipped, host: str, *args: str, user: str = "operator") -> list[str]:
     """The operator CLI as an operator runs it: password from a file, not the command line."""
-    proc = await asyncio.create_subprocess_exec(
+    return [
         sys.executable,
         "-m",
         "khod.cli",
@@ -117,6 +123,14 @@ async def khod(
         host,
         "--timeout",
         str(TIMEOUT),
+    ]
+
+
+async def khod(
+    shipped: Shipped, host: str, *args: str, user: str = "operator"
+) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *khod_argv(shipped, host, *args, user=user),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=ROOT,
@@ -159,3 +173,144 @@ async def test_the_shipped_setup_logs_in_over_the_socket_and_hands_over(
     assert "khod@" in log  # it says who it logged in as ...
     for user, pw in shipped.passwords.items():
         assert pw not in log, f"{user}'s password is in the daemon's log"  # ... never how
+
+
+# -- item 1: client ids bound to users ----------------------------------------------
+
+
+async def connect_as(url: str, username: str, password: str, identifier: str) -> str:
+    """Connect a plain MQTT client with a chosen client id; "ok" or why it was refused."""
+    u = BrokerURL.parse(url)
+    client = aiomqtt.Client(
+        u.host,
+        u.port,
+        transport=u.transport,
+        identifier=identifier,
+        username=username,
+        password=password,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        will=aiomqtt.Will(f"khod/v1/{identifier}/attacker-will", b"x", qos=1),
+    )
+    try:
+        async with client:
+            return "ok"  # it leaves cleanly: its own will is not the point
+    except aiomqtt.MqttError as exc:
+        return str(exc)
+
+
+@contextlib.asynccontextmanager
+async def bus_watch(shipped: Shipped, host: str) -> AsyncIterator[Watch]:
+    w = Watch(shipped, host)
+    task = asyncio.create_task(w.conn.run(), name="watch")
+    try:
+        await w.conn.wait_connected(TIMEOUT)
+        yield w
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class Watch:
+    """An operator connection recording every will and daemon status of a host."""
+
+    def __init__(self, shipped: Shipped, host: str) -> None:
+        self.topics = Topics(host)
+        self.seen: list[tuple[str, bytes]] = []
+        ident = client_id("khod-watch")
+        self.conn = Connection(
+            BrokerURL.parse(shipped.operator_url),
+            identifier=ident,
+            subscriptions=[self.topics.daemon, self.topics.request("+", ParticipantOp.GONE)],
+            on_message=self._record,
+        )
+        self.conn.reply_topic = self.topics.control_reply(ident)
+
+    async def _record(self, m: aiomqtt.Message) -> None:
+        self.seen.append((m.topic.value, payload_bytes(m)))
+
+    async def status(self) -> dict[str, Any]:
+        """The daemon's status; every will published before this is then in ``seen``.
+
+        The broker publishes a kicked client's will before it acknowledges the
+        connection that kicked it, and delivers to this one connection in order.
+        """
+        m = await self.conn.request(
+            self.topics.control(ControlOp.STATUS), b"{}", content_type=JSON, timeout=TIMEOUT
+        )
+        reply = json.loads(payload_bytes(m))
+        assert reply["ok"], reply
+        return reply["data"]  # type: ignore[no-any-return]
+
+    def wills(self) -> list[str]:
+        gone = [t for t, _ in self.seen if t.endswith("/req/gone")]
+        offline = [
+            t
+            for t, body in self.seen
+            if t == self.topics.daemon and json.loads(body)["state"] == "offline"
+        ]
+        return gone + offline
+
+
+async def test_no_client_can_take_over_another_ones_session(
+    shipped: Shipped, host_id: str, daemon: DaemonProc
+) -> None:
+    pw = shipped.passwords
+    sock, tcp = shipped.broker.url, shipped.broker.tcp_url
+    async with bus_watch(shipped, host_id) as watch, participant(shipped, host_id, "vm-b") as b:
+        await b.register()
+        rc, _, err = await khod(shipped, host_id, "begin", "--expect", "vm-b")
+        assert rc == 0, err
+        await b.wait_for_begin()
+        assert not watch.wills(), watch.seen  # the daemon's first online status only
+
+        # vm-a, with its own password, asks for vm-b's and the daemon's client
+        # ids on the socket: it gets its own (its username) and kicks nobody.
+        for stolen in (f"khod-{host_id}-p-vm-b", f"khod-{host_id}"):
+            assert await connect_as(sock, "vm-a", pw["vm-a"], stolen) == "ok"
+        await watch.status()
+        assert not watch.wills(), f"a will fired: {watch.seen}"
+        # Over TCP it cannot log in at all; an operator cannot claim a
+        # socket client's id (the username the broker gave it) either.
+        for user, stolen in (("vm-a", f"khod-{host_id}-p-vm-b"), ("vm-a", f"khod-{host_id}")):
+            assert "Not authorized" in await connect_as(tcp, user, pw[user], stolen)
+        for stolen in ("vm-b", "khod"):
+            assert "Not authorized" in await connect_as(tcp, "operator", pw["operator"], stolen)
+
+        data = await watch.status()
+        assert not watch.wills(), f"a will fired: {watch.seen}"
+        assert data["handover"]["state"] == "preparing"
+        states = {p["name"]: p["state"] for p in data["participants"]}
+        assert states["vm-b"] == "preparing"
+        assert b._conn.connects == 1 and b._conn.connected  # never kicked
+
+        # Every legitimate client still works: vm-b completes the handover
+        # while two operator tools are connected at once.
+        async with bus_watch(shipped, host_id) as second:
+            monitor = await asyncio.create_subprocess_exec(
+                *khod_argv(shipped, host_id, "monitor", "--exit-when-done"),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=ROOT,
+            )
+            try:
+                await b.submit(fragment(b))
+                await b.wait_for_freeze()
+                await b.frozen()
+                await asyncio.wait_for(b.wait_for_handover(committed), TIMEOUT)
+                async with asyncio.timeout(TIMEOUT):
+                    out, err = await monitor.communicate()
+                assert monitor.returncode == 0, err.decode()
+                assert "committed" in out.decode()
+            finally:
+                if monitor.returncode is None:
+                    monitor.kill()
+                    await monitor.wait()
+            assert (await second.status())["handover"]["state"] == "committed"
+            assert (await watch.status())["handover"]["state"] == "committed"
+            assert watch.conn.connects == 1 and second.conn.connects == 1
+        assert not watch.wills(), watch.seen
+
+    # The daemon's persistent session (its username as client id) survives a restart.
+    await asyncio.to_thread(daemon.stop)
+    await asyncio.to_thread(daemon.start)
