@@ -124,6 +124,11 @@ class Participant:
 
     Callbacks run one at a time, in order, in a task of the participant,
     outside of the message loop; an exception in one is logged.
+
+    A refusal by the broker raises at once, not as a timeout:
+    :class:`khod_client.NotAuthorized` for a wrong user or password or
+    anything the ACL refuses (entering, or a request of a name that is not
+    this user's), :class:`khod_client.BrokerRefused` for other refusals.
     """
 
     def __init__(
@@ -203,6 +208,10 @@ class Participant:
         self._tasks = [bus, callbacks]
         try:
             await self._conn.wait_connected(self.request_timeout)
+            if self._conn.refusal is not None:
+                # A subscription refused by the broker's ACL: this participant
+                # would never see a signal. Say so now, not at a timeout.
+                raise self._conn.refusal
         except BaseException:
             await self._stop()
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import secrets
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +24,7 @@ import pytest
 from khod.broker import PrivateBroker
 from khod.protocol import JSON, ControlOp, HandoverStatus, ParticipantOp, Topics
 from khod.transport import BrokerURL, Connection, client_id, payload_bytes
-from khod_client import Participant
+from khod_client import NotAuthorized, Participant
 from tests.daemonproc import DaemonProc
 
 pytestmark = pytest.mark.integration
@@ -314,3 +315,82 @@ async def test_no_client_can_take_over_another_ones_session(
     # The daemon's persistent session (its username as client id) survives a restart.
     await asyncio.to_thread(daemon.stop)
     await asyncio.to_thread(daemon.start)
+
+
+# -- item 3: refusals are visible, at once ---------------------------------------------
+
+#: Well under TIMEOUT, the --timeout/request_timeout given: a refusal must not
+#: be waited out like a silence.
+AT_ONCE = TIMEOUT / 2
+
+
+@pytest.mark.parametrize(
+    ("user", "over"),
+    [("operator", "wrong password"), ("vm-a", "socket")],
+    ids=["bad-password", "acl-refuses-publish"],
+)
+async def test_the_cli_says_not_authorized_at_once(
+    shipped: Shipped, host_id: str, daemon: DaemonProc, tmp_path: Path, user: str, over: str
+) -> None:
+    argv = khod_argv(shipped, host_id, "status", user=user)
+    if over == "wrong password":
+        wrong = tmp_path / "wrong"
+        wrong.write_text("not-the-password\n")
+        argv[argv.index("--broker-password-file") + 1] = str(wrong)
+    else:  # a participant's own login, on the socket: the ACL refuses ctl/req
+        argv[argv.index("--broker") + 1] = shipped.broker.url
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    async with asyncio.timeout(TIMEOUT + 10):
+        _, err = await proc.communicate()
+    took = loop.time() - start
+    assert proc.returncode == 1, err.decode()
+    assert "not authorized" in err.decode(), err.decode()
+    assert took < AT_ONCE, f"{took:.1f}s"
+
+
+async def test_the_sdk_raises_not_authorized_at_once(
+    shipped: Shipped, host_id: str, daemon: DaemonProc, tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password\n")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(NotAuthorized, match="not authorized"):
+        async with participant(shipped, host_id, "vm-a", password_file=wrong):
+            pass
+    # vm-a's own login, speaking for vm-b: the ACL refuses it.
+    with pytest.raises(NotAuthorized, match="not authorized"):
+        async with participant(
+            shipped, host_id, "vm-b", username="vm-a", password_file=shipped.password_file("vm-a")
+        ) as p:
+            await p.register()
+    assert loop.time() - start < AT_ONCE
+
+
+async def test_the_daemon_logs_its_refused_publishes(
+    shipped: Shipped, host_id: str, tmp_path: Path
+) -> None:
+    """A daemon logged in as a participant: the ACL refuses what it publishes."""
+    d = DaemonProc(
+        shipped.broker,
+        host_id,
+        tmp_path / "state",
+        KHOD_BROKER_USERNAME="vm-a",
+        KHOD_BROKER_PASSWORD_FILE=str(shipped.password_file("vm-a")),
+    )
+    await asyncio.to_thread(d.start, wait=False)
+    try:
+        topic = Topics(host_id).daemon
+        async with asyncio.timeout(TIMEOUT):
+            while not re.search(  # noqa: ASYNC110  (a log file has no event)
+                rf"WARNING .*not authorized: .* refused a publish to {topic}: Not authorized",
+                d.log(),
+            ):
+                await asyncio.sleep(0.05)
+    finally:
+        await asyncio.to_thread(d.stop)
+    assert "Traceback" not in d.log()
