@@ -23,6 +23,7 @@ from typing import IO
 import aiomqtt
 
 from khod import __version__, backend, sdnotify
+from khod.atomicfile import remove_stale_temps
 from khod.config import Settings, load_settings
 from khod.daemon import Daemon
 from khod.errors import ConfigError, KhodError
@@ -59,6 +60,12 @@ def lock_state_dir(state_dir: Path) -> IO[bytes]:
 
 async def serve(settings: Settings, *, restore: Path | None = None) -> int:
     lock = lock_state_dir(settings.state_dir)
+    # A daemon killed while writing the payload or its manifest leaves its
+    # temporary file behind; nobody else writes them, and we hold the lock.
+    for path in remove_stale_temps(
+        [settings.payload_path, backend.manifest_path(settings.payload_path)]
+    ):
+        log.info("removed %s, left by an interrupted write", path)
     store = Store(settings.state_dir)
     try:
         return await _serve(settings, store, restore)

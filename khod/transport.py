@@ -30,6 +30,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import aiomqtt
 import paho.mqtt.client as mqtt
 from aiomqtt.exceptions import MqttConnectError
+from aiomqtt.types import PahoSocket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -183,6 +184,24 @@ class Backoff:
         self.delay = self.first
 
 
+class _ExpectedDisconnects(logging.Filter):
+    """paho logs a connection the broker dropped as an ERROR; it is expected.
+
+    The reconnect loop says it once, at INFO, with what happened next.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(
+            ("failed to receive on socket", "failed to send on socket")
+        ):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return PAHO_LOG.isEnabledFor(logging.DEBUG)
+        return True
+
+
+PAHO_LOG = logging.getLogger("khod.mqtt")
+PAHO_LOG.addFilter(_ExpectedDisconnects())
+
 #: CONNACK reason codes that retrying with the same settings cannot cure.
 PERMANENT_CONNACK = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})
 #: 0x86 bad user name or password, 0x87 not authorized.
@@ -206,8 +225,39 @@ class _Client(aiomqtt.Client):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, logger=PAHO_LOG, **kwargs)
         self._acks: dict[int, asyncio.Future[ReasonCode]] = {}
+
+    # aiomqtt registers the socket's writer with call_soon_threadsafe, that is
+    # later: when the broker has dropped the connection meanwhile, paho has
+    # closed the socket by then and asyncio logs "Exception in callback ...
+    # KeyError: '10 is not registered'" for an expected disconnect (or, if the
+    # number was reused, watches another socket). Register only a socket that
+    # is still this client's.
+    def _on_socket_register_write(
+        self, client: mqtt.Client, userdata: Any, sock: PahoSocket
+    ) -> None:
+        def write() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:  # as aiomqtt: a broken connection
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        fd = sock.fileno()
+
+        def register() -> None:
+            if fd >= 0 and sock.fileno() == fd and client.socket() is sock:
+                self._loop.add_writer(fd, write)
+
+        self._loop.call_soon_threadsafe(register)
+
+    def _on_socket_unregister_write(
+        self, client: mqtt.Client, userdata: Any, sock: PahoSocket
+    ) -> None:
+        fd = sock.fileno()
+        if fd >= 0:
+            self._loop.remove_writer(fd)
 
     def _on_publish(
         self,

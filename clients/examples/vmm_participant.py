@@ -181,6 +181,7 @@ async def run(args: argparse.Namespace) -> int:
         request_timeout=args.timeout,
         username=args.broker_username,
         password_file=args.broker_password_file,
+        keepalive=args.keepalive,
     ) as p:
         if args.restore:
             return await restore(p)
@@ -213,6 +214,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--instance", type=int, default=0, help="VM instance number")
     ap.add_argument("--restore", action="store_true", help="after a kexec: retrieve and finish")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    ap.add_argument(
+        "--keepalive",
+        type=int,
+        default=10,
+        help="MQTT keepalive, seconds: a hung VMM is declared gone after 1.5 times this",
+    )
     return ap.parse_args(argv)
 
 

@@ -1,0 +1,59 @@
+"""The broker client's edges: expected disconnects make no noise (issue 8, item 13)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+import pytest
+
+from khod.transport import PAHO_LOG, _Client
+
+
+async def test_a_socket_closed_before_its_writer_is_registered_logs_nothing() -> None:
+    """The broker drops the connection between paho's request and asyncio's registration.
+
+    aiomqtt registers the writer later, through call_soon_threadsafe; paho has
+    closed the socket by then, and asyncio used to log "Exception in callback
+    ... KeyError: '10 is not registered'" with a traceback.
+    """
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    client = _Client("127.0.0.1", 1)  # never connected: only its socket callbacks run
+    paho = client._client
+    ours, theirs = socket.socketpair()
+    try:
+        paho._sock = ours
+        client._on_socket_register_write(paho, None, ours)
+        # What paho's _sock_close() does when it reads the broker's reset,
+        # before the loop runs the registration.
+        paho._sock = None
+        client._on_socket_unregister_write(paho, None, ours)
+        ours.close()
+        for _ in range(3):
+            await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+        theirs.close()
+    assert errors == []
+
+
+@pytest.mark.parametrize(
+    ("level", "shown"), [(logging.INFO, False), (logging.DEBUG, True)], ids=["info", "debug"]
+)
+def test_paho_reporting_a_dropped_connection_is_not_an_error(
+    caplog: pytest.LogCaptureFixture, level: int, shown: bool
+) -> None:
+    caplog.set_level(level, logger=PAHO_LOG.name)
+    PAHO_LOG.error("failed to receive on socket: %s", "[Errno 104] Connection reset by peer")
+    PAHO_LOG.error("Caught exception in on_message: boom")  # a real error stays one
+    records = [(r.levelname, r.getMessage()) for r in caplog.records]
+    expected = [("ERROR", "Caught exception in on_message: boom")]
+    if shown:
+        expected.insert(
+            0, ("DEBUG", "failed to receive on socket: [Errno 104] Connection reset by peer")
+        )
+    assert records == expected
