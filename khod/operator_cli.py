@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -80,6 +81,9 @@ class Failed(Exception):
 
 
 def main(args: argparse.Namespace) -> int:
+    # The connection's log lines (a refusal, a reconnect) would repeat on
+    # stderr what this command says itself, once, with its exit status.
+    logging.getLogger("khod").addHandler(logging.NullHandler())
     try:
         settings = load_settings(
             args.config,
