@@ -86,3 +86,17 @@ def test_the_exec_dropin_gives_back_what_kexec_needs() -> None:
         "ProcSubset=all",
     ):
         assert re.search(rf"^{re.escape(line)}$", conf, re.M), line
+
+
+def test_the_daemon_may_open_the_brokers_socket_without_capabilities() -> None:
+    """Without CAP_DAC_OVERRIDE root is an ordinary user to file permissions.
+
+    mosquitto creates its Unix socket 0770, owner and group mosquitto: the
+    daemon needs that group, or it cannot connect (EACCES) at all.
+    """
+    unit = (DEPLOY / "khod.service").read_text()
+    conf = (DEPLOY / "mosquitto" / "khod.conf").read_text()
+    assert re.search(r"^listener 0 /", conf, re.M)  # the socket is what khod.toml uses
+    assert re.search(r"^CapabilityBoundingSet=$", unit, re.M)
+    groups = re.findall(r"^SupplementaryGroups=(.*)$", unit, re.M)
+    assert any("mosquitto" in g.split() for g in groups), groups
