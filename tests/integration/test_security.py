@@ -170,6 +170,10 @@ async def test_the_shipped_setup_logs_in_over_the_socket_and_hands_over(
     rc, out, err = await khod(shipped, host_id, "status", "--json")
     assert rc == 0, err
     assert json.loads(out)["handover"]["state"] == "committed"
+    # Nothing secret where other users of the host can read it (ps shows argv).
+    assert daemon.proc is not None
+    cmdline = await asyncio.to_thread(Path(f"/proc/{daemon.proc.pid}/cmdline").read_bytes)
+    assert shipped.passwords["khod"].encode() not in cmdline
     log = daemon.log_path.read_text(errors="replace")
     assert "khod@" in log  # it says who it logged in as ...
     for user, pw in shipped.passwords.items():
@@ -312,9 +316,13 @@ async def test_no_client_can_take_over_another_ones_session(
             assert watch.conn.connects == 1 and second.conn.connects == 1
         assert not watch.wills(), watch.seen
 
-    # The daemon's persistent session (its username as client id) survives a restart.
-    await asyncio.to_thread(daemon.stop)
+    # The daemon's persistent session (its username as client id) survives a
+    # restart, a SIGKILL included: the new connection takes over its own session.
+    await asyncio.to_thread(daemon.kill)
     await asyncio.to_thread(daemon.start)
+    rc, out, err = await khod(shipped, host_id, "status", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["handover"]["state"] == "committed"
 
 
 # -- item 3: refusals are visible, at once ---------------------------------------------
