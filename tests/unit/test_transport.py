@@ -1,4 +1,5 @@
-"""The broker client's edges: expected disconnects make no noise (issue 8, item 13)."""
+"""The broker client's edges (issue 8): refusals are reported as such (item 3),
+expected disconnects make no noise (item 13)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import socket
 from typing import Any
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
-from khod.transport import PAHO_LOG, _Client
+from khod.errors import BrokerRefused, NotAuthorized
+from khod.transport import PAHO_LOG, BrokerURL, Connection, _Client, refusal
 
 
 async def test_a_socket_closed_before_its_writer_is_registered_logs_nothing() -> None:
@@ -57,3 +61,27 @@ def test_paho_reporting_a_dropped_connection_is_not_an_error(
             0, ("DEBUG", "failed to receive on socket: [Errno 104] Connection reset by peer")
         )
     assert records == expected
+
+
+def test_refusal_codes_map_to_not_authorized_or_broker_refused() -> None:
+    url = BrokerURL.parse("mqtt://operator:secret@127.0.0.1:1883")
+    cases = [
+        (PacketTypes.CONNACK, 0x86, NotAuthorized),
+        (PacketTypes.PUBACK, 0x87, NotAuthorized),
+        (PacketTypes.PUBACK, 0x97, BrokerRefused),
+    ]
+    for packet, code, kind in cases:
+        err = refusal("it", url, ReasonCode(packet, identifier=code))
+        assert type(err) is kind and err.reason_code == code
+        assert f"(0x{code:02X})" in str(err) and "secret" not in str(err)
+    assert str(refusal("x", url, 0x87)).startswith("not authorized: ")
+
+
+async def test_a_refused_subscription_is_raised_at_once_not_waited_out() -> None:
+    """mosquitto's file ACL grants subscriptions and filters delivery; other brokers refuse."""
+    conn = Connection(BrokerURL.parse("unix:///nonexistent"), identifier="khod-test")
+    conn._check_suback("khod/v1/h/handover", [ReasonCode(PacketTypes.SUBACK, identifier=0x00)])
+    assert conn.refusal is None
+    conn._check_suback("khod/v1/h/handover", [ReasonCode(PacketTypes.SUBACK, identifier=0x87)])
+    with pytest.raises(NotAuthorized, match="subscription to khod/v1/h/handover"):
+        await conn.wait_connected(timeout=30)
