@@ -228,12 +228,37 @@ class _Client(aiomqtt.Client):
         super().__init__(*args, logger=PAHO_LOG, **kwargs)
         self._acks: dict[int, asyncio.Future[ReasonCode]] = {}
 
-    # aiomqtt registers the socket's writer with call_soon_threadsafe, that is
-    # later: when the broker has dropped the connection meanwhile, paho has
-    # closed the socket by then and asyncio logs "Exception in callback ...
-    # KeyError: '10 is not registered'" for an expected disconnect (or, if the
-    # number was reused, watches another socket). Register only a socket that
-    # is still this client's.
+    # aiomqtt registers the socket's reader and writer with
+    # call_soon_threadsafe, that is later: when the broker has dropped the
+    # connection meanwhile, paho has closed the socket by then and asyncio
+    # logs "Exception in callback ... KeyError: '10 is not registered'" for an
+    # expected disconnect (or, if the number was reused, watches another
+    # socket). Register only a socket that is still this client's.
+    def _still_ours(self, client: mqtt.Client, sock: PahoSocket, fd: int) -> bool:
+        return fd >= 0 and sock.fileno() == fd and client.socket() is sock
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: PahoSocket) -> None:
+        def read() -> None:
+            try:
+                while True:
+                    client.loop_read()
+                    # An SSL socket may hold decoded bytes that select() does not see.
+                    pending = getattr(client.socket(), "pending", None)
+                    if pending is None or pending() <= 0:
+                        break
+            except Exception as exc:  # as aiomqtt: a broken connection
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        fd = sock.fileno()
+
+        def register() -> None:
+            if self._still_ours(client, sock, fd):
+                self._loop.add_reader(fd, read)
+            self._misc_task = self._loop.create_task(self._misc_loop())
+
+        self._loop.call_soon_threadsafe(register)
+
     def _on_socket_register_write(
         self, client: mqtt.Client, userdata: Any, sock: PahoSocket
     ) -> None:
@@ -247,7 +272,7 @@ class _Client(aiomqtt.Client):
         fd = sock.fileno()
 
         def register() -> None:
-            if fd >= 0 and sock.fileno() == fd and client.socket() is sock:
+            if self._still_ours(client, sock, fd):
                 self._loop.add_writer(fd, write)
 
         self._loop.call_soon_threadsafe(register)

@@ -16,12 +16,14 @@ from khod.errors import BrokerRefused, NotAuthorized
 from khod.transport import PAHO_LOG, BrokerURL, Connection, _Client, refusal
 
 
-async def test_a_socket_closed_before_its_writer_is_registered_logs_nothing() -> None:
+@pytest.mark.parametrize("callback", ["open", "register_write"])
+async def test_a_socket_closed_before_it_is_watched_logs_nothing(callback: str) -> None:
     """The broker drops the connection between paho's request and asyncio's registration.
 
-    aiomqtt registers the writer later, through call_soon_threadsafe; paho has
-    closed the socket by then, and asyncio used to log "Exception in callback
-    ... KeyError: '10 is not registered'" with a traceback.
+    aiomqtt registers the reader and writer later, through
+    call_soon_threadsafe; paho has closed the socket by then, and asyncio
+    used to log "Exception in callback ... KeyError: '10 is not registered'"
+    with a traceback.
     """
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
@@ -31,7 +33,10 @@ async def test_a_socket_closed_before_its_writer_is_registered_logs_nothing() ->
     ours, theirs = socket.socketpair()
     try:
         paho._sock = ours
-        client._on_socket_register_write(paho, None, ours)
+        if callback == "open":
+            client._on_socket_open(paho, None, ours)
+        else:
+            client._on_socket_register_write(paho, None, ours)
         # What paho's _sock_close() does when it reads the broker's reset,
         # before the loop runs the registration.
         paho._sock = None
@@ -42,6 +47,8 @@ async def test_a_socket_closed_before_its_writer_is_registered_logs_nothing() ->
     finally:
         loop.set_exception_handler(None)
         theirs.close()
+        if client._misc_task is not None:
+            await client._misc_task  # ends by itself: no connection
     assert errors == []
 
 
