@@ -6,11 +6,18 @@ default of 1000 silently drops QoS 1 messages to a slow subscriber, which
 would show up as a lost fragment or a stuck participant. ``stop()`` and
 ``start()`` may be called again to test a broker that goes away and comes
 back on the same address.
+
+With ``shipped=`` (the ``deploy/mosquitto`` directory) it runs the config a
+host runs instead, authentication, ACL and all, with only its paths and port
+replaced by private ones, so that tests exercise exactly what is shipped.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,6 +46,13 @@ def find_mosquitto() -> str:
     return found
 
 
+def password_hash(password: str) -> str:
+    """A mosquitto 2.0 password file hash (what ``mosquitto_passwd`` writes)."""
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+    return f"$7$101${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,16 +63,29 @@ class PrivateBroker:
     """A mosquitto process of our own. Use as a context manager."""
 
     def __init__(
-        self, workdir: Path | None = None, *, tcp: bool = False, persistence: bool = False
+        self,
+        workdir: Path | None = None,
+        *,
+        tcp: bool = False,
+        persistence: bool = False,
+        shipped: Path | None = None,
+        passwords: dict[str, dict[str, str]] | None = None,
     ) -> None:
+        """``shipped``: a directory with khod.conf and khod.acl to run as is;
+        ``passwords``: for each password file it names (by file name), user -> password;
+        ``persistence``: keep retained messages and sessions on disk across
+        restarts, as the shipped config does (saved at a clean stop, not at a SIGKILL).
+        """
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="khod-broker-")
         self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.tcp = tcp
-        #: keep retained messages and sessions on disk across restarts, as the
-        #: shipped config does (saved at a clean stop, not at a SIGKILL)
+        self.shipped = shipped
         self.persistence = persistence
-        self.port = free_port() if tcp else 0
+        self.passwords = passwords or {}
+        # The shipped config listens on both, a socket for the host's
+        # components and loopback TCP for operator tools.
+        self.tcp = tcp and shipped is None
+        self.port = free_port() if tcp or shipped else 0
         # Unix socket paths are limited to ~107 bytes: keep it short.
         self.socket_path = Path(tempfile.mkdtemp(prefix="khodmq-")) / "mq.sock"
         self.log_path = self.workdir / "mosquitto.log"
@@ -69,7 +96,55 @@ class PrivateBroker:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}" if self.tcp else f"unix://{self.socket_path}"
 
+    @property
+    def tcp_url(self) -> str:
+        """The loopback TCP listener of the shipped config."""
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def _shipped_config(self, shipped: Path) -> str:
+        text = (shipped / "khod.conf").read_text()
+
+        def sub(pattern: str, repl: str) -> None:
+            nonlocal text
+            text, n = re.subn(pattern, repl, text, flags=re.M)
+            if n == 0:
+                raise ConfigError(f"{shipped / 'khod.conf'}: no line matches {pattern!r}")
+
+        sub(r"^listener 0 /run/mosquitto/khod\.sock$", f"listener 0 {self.socket_path}")
+        sub(r"^listener 1883 127\.0\.0\.1$", f"listener {self.port} 127.0.0.1")
+        sub(r"^persistence_location .*$", f"persistence_location {self.workdir}/")
+        shutil.copy(shipped / "khod.acl", self.workdir / "khod.acl")
+        sub(r"^acl_file /etc/mosquitto/khod\.acl$", f"acl_file {self.workdir / 'khod.acl'}")
+        for name in re.findall(r"^password_file /etc/mosquitto/(\S+)$", text, flags=re.M):
+            users = self.passwords.get(name)
+            if users is None:
+                raise ConfigError(f"the shipped config names {name}: give its passwords")
+            (self.workdir / name).write_text(
+                "".join(f"{u}:{password_hash(pw)}\n" for u, pw in users.items())
+            )
+        sub(r"^password_file /etc/mosquitto/", f"password_file {self.workdir}/")
+        left = [
+            line
+            for line in text.splitlines()
+            if not line.startswith("#") and re.search(r"\s/(etc|run|var)/", line)
+        ]
+        if left:
+            raise ConfigError(f"{shipped / 'khod.conf'}: a system path is left: {left}")
+        return "\n".join(
+            [
+                *(["user root"] if os.geteuid() == 0 else []),
+                text,
+                "log_type error",
+                "log_type warning",
+                "log_type notice",
+                "log_dest stderr",
+                "",
+            ]
+        )
+
     def _config(self) -> str:
+        if self.shipped is not None:
+            return self._shipped_config(self.shipped)
         listener = (
             f"listener {self.port} 127.0.0.1" if self.tcp else f"listener 0 {self.socket_path}"
         )
@@ -129,15 +204,17 @@ class PrivateBroker:
         raise ConfigError(f"mosquitto did not start listening within {timeout:g}s")
 
     def _accepts(self) -> bool:
-        family = socket.AF_INET if self.tcp else socket.AF_UNIX
-        addr: tuple[str, int] | str = (
-            ("127.0.0.1", self.port) if self.tcp else str(self.socket_path)
-        )
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(addr)
-            except OSError:
-                return False
+        addrs: list[tuple[socket.AddressFamily, tuple[str, int] | str]] = []
+        if self.tcp or self.shipped:
+            addrs.append((socket.AF_INET, ("127.0.0.1", self.port)))
+        if not self.tcp:
+            addrs.append((socket.AF_UNIX, str(self.socket_path)))
+        for family, addr in addrs:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(addr)
+                except OSError:
+                    return False
         return True
 
     def stop(self, *, kill: bool = False) -> None:

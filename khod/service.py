@@ -23,6 +23,7 @@ from typing import IO
 import aiomqtt
 
 from khod import __version__, backend, sdnotify
+from khod.atomicfile import remove_stale_temps
 from khod.config import Settings, load_settings
 from khod.daemon import Daemon
 from khod.errors import ConfigError, KhodError
@@ -65,6 +66,12 @@ def lock_state_dir(state_dir: Path) -> IO[bytes]:
 
 async def serve(settings: Settings, *, restore: Path | None = None) -> int:
     lock = lock_state_dir(settings.state_dir)
+    # A daemon killed while writing the payload or its manifest leaves its
+    # temporary file behind; nobody else writes them, and we hold the lock.
+    for path in remove_stale_temps(
+        [settings.payload_path, backend.manifest_path(settings.payload_path)]
+    ):
+        log.info("removed %s, left by an interrupted write", path)
     store = Store(settings.state_dir)
     try:
         return await _serve(settings, store, restore)
@@ -76,8 +83,9 @@ async def serve(settings: Settings, *, restore: Path | None = None) -> int:
 async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
     topics = Topics(settings.host_id)
     offline = encode(DaemonStatus(version=__version__, state="offline"))
+    url = settings.broker_url
     conn = Connection(
-        settings.broker_url,
+        url,
         identifier=f"khod-{settings.host_id}",
         subscriptions=[
             topics.all_participant_requests,
@@ -127,12 +135,12 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
         await daemon.resume()
         with contextlib.suppress(KhodError):
             await conn.wait_connected(30)
-        sdnotify.notify("READY=1", f"STATUS=khod {__version__} on {settings.broker_url}")
+        sdnotify.notify("READY=1", f"STATUS=khod {__version__} on {url}")
         log.info(
             "khod %s running: host %s, broker %s, state %s",
             __version__,
             settings.host_id,
-            settings.broker_url,
+            url,
             settings.state_dir,
         )
         await stop.wait()

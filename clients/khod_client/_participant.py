@@ -23,8 +23,10 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -48,7 +50,14 @@ from khod.protocol import (
     parse_status,
     reply_data,
 )
-from khod.transport import BrokerURL, Connection, message_props, payload_bytes, properties
+from khod.transport import (
+    BrokerURL,
+    Connection,
+    message_props,
+    payload_bytes,
+    properties,
+    read_password_file,
+)
 from khod_client._events import (
     Began,
     Cancelled,
@@ -98,14 +107,32 @@ class Participant:
         call :meth:`frozen`. The SDK never reports frozen by itself.
       on_cancel: called with the reason once per handover this participant
         took part in that is cancelled (aborted, replaced, or left out).
+      username, password, password_file: the broker credentials (they
+        override those of the URL). With the shipped broker config the
+        username is the participant's name (its ACL confines it to its own
+        topics) and the broker uses it as the client id. Prefer
+        ``password_file`` (one line) to a password in the URL or code: it
+        stays out of ``ps`` and logs.
+      keepalive: seconds between MQTT keepalive pings. The broker fires the
+        will (the daemon fails this participant) when nothing arrives for
+        1.5 times this: a process that hangs (SIGSTOP, a deadlock of its
+        event loop) is detected that fast.
       identifier: the MQTT client id. The default, ``khod-<host>-p-<name>``,
         is stable on purpose (docs/protocol.md, "Connecting"): when a
         participant restarts, the broker takes over the old session and
         publishes the old connection's will before any request of the new
         one, instead of seconds later. Two live processes must not share it.
+        The shipped broker setup replaces it with the username (client ids
+        are bound to users there, docs/protocol.md, "Client ids"); its
+        ``khod-`` prefix is required there.
 
     Callbacks run one at a time, in order, in a task of the participant,
     outside of the message loop; an exception in one is logged.
+
+    A refusal by the broker raises at once, not as a timeout:
+    :class:`khod_client.NotAuthorized` for a wrong user or password or
+    anything the ACL refuses (entering, or a request of a name that is not
+    this user's), :class:`khod_client.BrokerRefused` for other refusals.
     """
 
     def __init__(
@@ -122,6 +149,10 @@ class Participant:
         on_freeze: OnFreeze | None = None,
         on_cancel: OnCancel | None = None,
         identifier: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        password_file: str | os.PathLike[str] | None = None,
+        keepalive: int = 10,
     ) -> None:
         # The daemon's own rules, so that a mistake shows here and not as a refusal later.
         self.name = names.check_name(name)
@@ -140,8 +171,13 @@ class Participant:
             asyncio.Queue()
         )
         self._tasks: list[asyncio.Task[None]] = []
+        if password is not None and password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if password_file is not None:
+            password = read_password_file(Path(password_file))
         self._conn = Connection(
-            BrokerURL.parse(broker),
+            BrokerURL.parse(broker).with_credentials(username, password),
+            keepalive=keepalive,
             identifier=identifier or f"khod-{self.host_id}-p-{self.name}",
             subscriptions=[self.topics.handover, self.topics.state(self.name)],
             on_message=self._on_message,
@@ -176,6 +212,10 @@ class Participant:
         self._tasks = [bus, callbacks]
         try:
             await self._conn.wait_connected(self.request_timeout)
+            if self._conn.refusal is not None:
+                # A subscription refused by the broker's ACL: this participant
+                # would never see a signal. Say so now, not at a timeout.
+                raise self._conn.refusal
         except BaseException:
             await self._stop()
             raise
