@@ -1,7 +1,9 @@
 """A private mosquitto for the demo and the test suite.
 
-It listens on a Unix socket (no port to collide with) or on a free loopback
-TCP port, keeps nothing on disk, and sets ``max_queued_messages`` high: the
+It listens on a Unix socket (no port to collide with), on a free loopback
+TCP port, or on both (``unix_and_tcp=True``, for comparing the two), keeps
+nothing on disk, sets ``set_tcp_nodelay true`` (so that a reply is not held
+back ~40 ms for a delayed ACK), and sets ``max_queued_messages`` high: the
 default of 1000 silently drops QoS 1 messages to a slow subscriber, which
 would show up as a lost fragment or a stuck participant. ``stop()`` and
 ``start()`` may be called again to test a broker that goes away and comes
@@ -48,12 +50,17 @@ def free_port() -> int:
 class PrivateBroker:
     """A mosquitto process of our own. Use as a context manager."""
 
-    def __init__(self, workdir: Path | None = None, *, tcp: bool = False) -> None:
+    def __init__(
+        self, workdir: Path | None = None, *, tcp: bool = False, unix_and_tcp: bool = False
+    ) -> None:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="khod-broker-")
         self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tcp = tcp
-        self.port = free_port() if tcp else 0
+        #: Listen on the Unix socket and on the TCP port; ``url`` stays the
+        #: one that ``tcp`` selects, ``unix_url``/``tcp_url`` name each.
+        self.unix_and_tcp = unix_and_tcp
+        self.port = free_port() if tcp or unix_and_tcp else 0
         # Unix socket paths are limited to ~107 bytes: keep it short.
         self.socket_path = Path(tempfile.mkdtemp(prefix="khodmq-")) / "mq.sock"
         self.log_path = self.workdir / "mosquitto.log"
@@ -62,16 +69,32 @@ class PrivateBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}" if self.tcp else f"unix://{self.socket_path}"
+        return self.tcp_url if self.tcp else self.unix_url
+
+    @property
+    def tcp_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def _listens_unix(self) -> bool:
+        return self.unix_and_tcp or not self.tcp
+
+    def _listens_tcp(self) -> bool:
+        return self.unix_and_tcp or self.tcp
 
     def _config(self) -> str:
-        listener = (
-            f"listener {self.port} 127.0.0.1" if self.tcp else f"listener 0 {self.socket_path}"
-        )
+        listeners = [
+            *([f"listener 0 {self.socket_path}"] if self._listens_unix() else []),
+            *([f"listener {self.port} 127.0.0.1"] if self._listens_tcp() else []),
+        ]
         return "\n".join(
             [
-                listener,
+                *listeners,
                 "allow_anonymous true",
+                "set_tcp_nodelay true",
                 "persistence false",
                 "max_queued_messages 100000",
                 "max_inflight_messages 0",
@@ -114,10 +137,15 @@ class PrivateBroker:
         raise ConfigError(f"mosquitto did not start listening within {timeout:g}s")
 
     def _accepts(self) -> bool:
-        family = socket.AF_INET if self.tcp else socket.AF_UNIX
-        addr: tuple[str, int] | str = (
-            ("127.0.0.1", self.port) if self.tcp else str(self.socket_path)
-        )
+        addrs: list[tuple[socket.AddressFamily, tuple[str, int] | str]] = []
+        if self._listens_unix():
+            addrs.append((socket.AF_UNIX, str(self.socket_path)))
+        if self._listens_tcp():
+            addrs.append((socket.AF_INET, ("127.0.0.1", self.port)))
+        return all(self._accepts_at(family, addr) for family, addr in addrs)
+
+    @staticmethod
+    def _accepts_at(family: socket.AddressFamily, addr: tuple[str, int] | str) -> bool:
         with socket.socket(family, socket.SOCK_STREAM) as s:
             try:
                 s.connect(addr)
