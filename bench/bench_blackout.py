@@ -73,6 +73,8 @@ COMPATIBLE = "bench,p-v1"
 #: is 64 bytes; "4096" fills the fragment up to 4096 bytes (one page, the
 #: default ``max_fragment_size``).
 SMALL, PAGE = 64, 4096
+#: Seconds after the commit for every participant's ``frozen()`` to return.
+FROZEN_GRACE = 30.0
 #: Size of the fragment that the request benchmark submits again and again.
 REQUEST_FRAGMENT = 1024
 
@@ -452,7 +454,7 @@ class Worker:
             self.proc.stdin.write(b'{"op": "exit"}\n')
             await self.proc.stdin.drain()
         try:
-            await asyncio.wait_for(self.proc.wait(), 30)
+            await asyncio.wait_for(self.proc.wait(), 10)
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
@@ -471,6 +473,10 @@ def split(items: Sequence[int], k: int) -> list[list[int]]:
 
 
 # -- the coordinator -------------------------------------------------------------
+
+
+class RoundTimeout(Exception):
+    """A handover that did not commit within ``--round-timeout``."""
 
 
 @dataclass
@@ -669,16 +675,23 @@ class Bench:
                     ControlOp.BEGIN,
                     encode(BeginRequest(deadline=3600, auto_freeze=True)),
                 )
-                frozen = asyncio.gather(
-                    *(w.call("await_frozen", timeout=timeout) for w in ws),
-                )
                 try:
                     await asyncio.wait_for(seen.committed.wait(), timeout)
-                finally:
-                    outs = await frozen
-            bad = [o for o in outs if not o.get("ok")]
-            if bad:
-                raise RuntimeError(f"participants: {bad[0]}")
+                except TimeoutError:
+                    states = ", ".join(
+                        f"{k} at +{v - t_begin:.1f} s" for k, v in seen.first.items()
+                    )
+                    raise RoundTimeout(
+                        f"N={n}: not committed {timeout:g} s after begin (seen: {states})"
+                    ) from None
+            # Every participant's frozen() has normally returned by now (the
+            # daemon replies before it commits); a client that lags behind
+            # its own message backlog is noted, not counted as a failure.
+            outs = await asyncio.gather(*(w.call("await_frozen", timeout=FROZEN_GRACE) for w in ws))
+            errors = [e for o in outs for e in o.get("errors", [])]
+            if errors:
+                raise RuntimeError(f"participants failed: {errors[:3]}")
+            lagging = sum(int(o.get("pending", 0)) for o in outs)
             rss = proc_status(daemon.proc.pid) if daemon.proc else {}
         finally:
             with contextlib.suppress(Exception):
@@ -698,6 +711,7 @@ class Bench:
             "register_commit_s": t_commit - t_reg,
             "register_s": t_begin - t_reg,
             "daemon_vmhwm_kib": rss.get("VmHWM"),
+            "frozen_not_returned": lagging,
         }
 
     # -- the floor -------------------------------------------------------------------
@@ -754,27 +768,50 @@ class Bench:
     # -- scenarios ---------------------------------------------------------------------
 
     async def blackout(self, n: int, sizes: Sequence[int]) -> dict[str, Any]:
-        """Rounds of khod handovers (one per fragment size) and the floor, interleaved."""
+        """Rounds of khod handovers (one per fragment size) and the floor, interleaved.
+
+        After a round longer than ``--slow-round``, or one that times out,
+        there are no more khod rounds at this N (noted as ``truncated``; the
+        floor rounds still run), so that a quadratic daemon cannot make the
+        run last an hour.
+        """
         rounds: dict[int, list[dict[str, Any]]] = {s: [] for s in sizes}
         errors: dict[int, str] = {}
+        truncated: set[int] = set()
         floor: list[float] = []
         async with self.floor(n) as floor_round:
             for r in range(self.args.rounds):
                 for s in sizes:
-                    if s in errors:
+                    if s in errors or s in truncated:
                         continue
+                    t0 = now()
                     try:
                         res = await self.khod_round(n, s)
                     except Exception as exc:
-                        errors[s] = repr(exc)[:500]
+                        errors[s] = (
+                            str(exc)[:500] if isinstance(exc, RoundTimeout) else repr(exc)[:500]
+                        )
                         self.log(f"  N={n} frag={s} round {r}: FAILED {errors[s]}")
+                        if isinstance(exc, RoundTimeout):
+                            for other in sizes:
+                                errors.setdefault(
+                                    other, f"skipped: a round at N={n} timed out ({exc})"
+                                )
                         continue
+                    elapsed = now() - t0
+                    res["round_wall_s"] = elapsed
                     rounds[s].append(res)
                     self.log(
                         f"  N={n} frag={s} round {r}: blackout daemon "
                         f"{ms(res['blackout_daemon_s'])} external {ms(res['blackout_external_s'])}"
-                        f" begin->commit {ms(res['begin_commit_s'])}"
+                        f" begin->commit {ms(res['begin_commit_s'])} (round {elapsed:.1f} s)"
                     )
+                    if elapsed > self.args.slow_round and r + 1 < self.args.rounds:
+                        truncated.update(sizes)
+                        self.log(
+                            f"  N={n}: a round took {elapsed:.0f} s > --slow-round "
+                            f"{self.args.slow_round:g} s: no more khod rounds at this N"
+                        )
                 f = await floor_round(r)
                 floor.append(f)
                 self.log(f"  N={n} floor round {r}: {ms(f)}")
@@ -795,6 +832,7 @@ class Bench:
                 "fragment_bytes": len(blob),
                 "rounds": rs,
                 "error": errors.get(s),
+                "truncated": s in truncated,
                 "blackout_daemon_s": summary(col("blackout_daemon_s")),
                 "blackout_external_s": summary(col("blackout_external_s")),
                 "begin_commit_s": summary(col("begin_commit_s")),
@@ -1075,7 +1113,12 @@ def table(res: dict[str, Any]) -> str:
                 f"{ms(d['p99']):>9} {ms(e['p50']):>13} {ms(e['p99']):>9} {ms(fl['p50']):>10} "
                 f"{ms(fl['p99']):>9} {fmt_value(r, 'x'):>6} "
                 f"{ms(f['begin_commit_s']['p50']):>14} {ms(f['register_commit_s']['p50']):>12}"
-                + (f"  ERROR {f['error'][:80]}" if f["error"] else "")
+                + (
+                    f"  (rounds: {len(f['rounds'])}, stopped: too slow)"
+                    if f.get("truncated")
+                    else ""
+                )
+                + (f"  ERROR {f['error'][:100]}" if f["error"] else "")
             )
     lines += ["", "request latency (sequential, p50 / p99)"]
     lines.append(f"{'':<10} {'echo':>19} {'khod status':>19} {'khod fragment':>19}")
@@ -1186,7 +1229,18 @@ def main() -> int:
     )
     ap.add_argument("--requests", type=int, default=200, help="samples per request kind")
     ap.add_argument("--rss-participants", type=int, default=10_000)
-    ap.add_argument("--round-timeout", type=float, default=300.0)
+    ap.add_argument(
+        "--round-timeout",
+        type=float,
+        default=300.0,
+        help="seconds from begin to commit before a round counts as failed (default 300)",
+    )
+    ap.add_argument(
+        "--slow-round",
+        type=float,
+        default=60.0,
+        help="after a round slower than this (s), no more rounds of that scenario (default 60)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny run: N=5, 2 rounds")
     ap.add_argument("--json", metavar="FILE", default="bench-blackout.json")
     ap.add_argument("--workdir", help="where state and fsyncs go (default: system temp dir)")
