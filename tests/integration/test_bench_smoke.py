@@ -85,6 +85,7 @@ def test_bench_quick(tmp_path: Path) -> None:
 
     rss = res["rss"]
     assert rss["participants"] == 200 and rss["register_errors"] == 0
+    assert rss["registered"] == 200
     assert positive(rss["vmhwm_kib"])
 
     assert res["targets"]
