@@ -1,7 +1,9 @@
 """A private mosquitto for the demo and the test suite.
 
-It listens on a Unix socket (no port to collide with) or on a free loopback
-TCP port, keeps nothing on disk, and sets ``max_queued_messages`` high: the
+It listens on a Unix socket (no port to collide with), on a free loopback
+TCP port, or on both (``unix_and_tcp=True``, for comparing the two), keeps
+nothing on disk, sets ``set_tcp_nodelay true`` (so that a reply is not held
+back ~40 ms for a delayed ACK), and sets ``max_queued_messages`` high: the
 default of 1000 silently drops QoS 1 messages to a slow subscriber, which
 would show up as a lost fragment or a stuck participant. ``stop()`` and
 ``start()`` may be called again to test a broker that goes away and comes
@@ -67,14 +69,19 @@ class PrivateBroker:
         workdir: Path | None = None,
         *,
         tcp: bool = False,
+        unix_and_tcp: bool = False,
         persistence: bool = False,
         shipped: Path | None = None,
         passwords: dict[str, dict[str, str]] | None = None,
     ) -> None:
-        """``shipped``: a directory with khod.conf and khod.acl to run as is;
-        ``passwords``: for each password file it names (by file name), user -> password;
+        """``tcp``: listen on a loopback TCP port instead of the Unix socket;
+        ``unix_and_tcp``: on both (``url`` is the one ``tcp`` selects,
+        ``unix_url``/``tcp_url`` name each);
         ``persistence``: keep retained messages and sessions on disk across
-        restarts, as the shipped config does (saved at a clean stop, not at a SIGKILL).
+        restarts, as the shipped config does (saved at a clean stop, not at a SIGKILL);
+        ``shipped``: a directory with khod.conf and khod.acl to run as is (it
+        listens on both); ``passwords``: for each password file it names (by
+        file name), user -> password.
         """
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="khod-broker-")
         self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
@@ -82,10 +89,9 @@ class PrivateBroker:
         self.shipped = shipped
         self.persistence = persistence
         self.passwords = passwords or {}
-        # The shipped config listens on both, a socket for the host's
-        # components and loopback TCP for operator tools.
         self.tcp = tcp and shipped is None
-        self.port = free_port() if tcp or shipped else 0
+        self.unix_and_tcp = unix_and_tcp or shipped is not None
+        self.port = free_port() if tcp or self.unix_and_tcp else 0
         # Unix socket paths are limited to ~107 bytes: keep it short.
         self.socket_path = Path(tempfile.mkdtemp(prefix="khodmq-")) / "mq.sock"
         self.log_path = self.workdir / "mosquitto.log"
@@ -94,12 +100,21 @@ class PrivateBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}" if self.tcp else f"unix://{self.socket_path}"
+        return self.tcp_url if self.tcp else self.unix_url
 
     @property
     def tcp_url(self) -> str:
-        """The loopback TCP listener of the shipped config."""
         return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def _listens_unix(self) -> bool:
+        return self.unix_and_tcp or not self.tcp
+
+    def _listens_tcp(self) -> bool:
+        return self.unix_and_tcp or self.tcp
 
     def _shipped_config(self, shipped: Path) -> str:
         text = (shipped / "khod.conf").read_text()
@@ -145,12 +160,13 @@ class PrivateBroker:
     def _config(self) -> str:
         if self.shipped is not None:
             return self._shipped_config(self.shipped)
-        listener = (
-            f"listener {self.port} 127.0.0.1" if self.tcp else f"listener 0 {self.socket_path}"
-        )
+        listeners = [
+            *([f"listener 0 {self.socket_path}"] if self._listens_unix() else []),
+            *([f"listener {self.port} 127.0.0.1"] if self._listens_tcp() else []),
+        ]
         return "\n".join(
             [
-                listener,
+                *listeners,
                 "allow_anonymous true",
                 *(
                     [
@@ -205,16 +221,19 @@ class PrivateBroker:
 
     def _accepts(self) -> bool:
         addrs: list[tuple[socket.AddressFamily, tuple[str, int] | str]] = []
-        if self.tcp or self.shipped:
-            addrs.append((socket.AF_INET, ("127.0.0.1", self.port)))
-        if not self.tcp:
+        if self._listens_unix():
             addrs.append((socket.AF_UNIX, str(self.socket_path)))
-        for family, addr in addrs:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                try:
-                    s.connect(addr)
-                except OSError:
-                    return False
+        if self._listens_tcp():
+            addrs.append((socket.AF_INET, ("127.0.0.1", self.port)))
+        return all(self._accepts_at(family, addr) for family, addr in addrs)
+
+    @staticmethod
+    def _accepts_at(family: socket.AddressFamily, addr: tuple[str, int] | str) -> bool:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(addr)
+            except OSError:
+                return False
         return True
 
     def stop(self, *, kill: bool = False) -> None:
