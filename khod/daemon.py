@@ -102,6 +102,8 @@ REPLIES_KEPT = 4096
 #: persisted: statuses it published but had not persisted (the assembled
 #: state, say) stay older than anything it publishes next.
 SEQ_RESTART_GAP = 1 << 20
+#: Handover states of the blackout (freeze signal to commit).
+BLACKOUT = frozenset({HandoverState.FREEZING, HandoverState.FROZEN, HandoverState.ASSEMBLED})
 #: Seconds the operator's undo command may take when a payload is withdrawn.
 WITHDRAW_TIMEOUT = 60.0
 
@@ -122,6 +124,8 @@ class Batch:
     signal: bool = False
     daemon: bool = False
     replies: list[tuple[str, bytes, str, bytes | None, Key | None]] = field(default_factory=list)
+    #: participants whose one change is their own freeze (see Daemon._flush)
+    froze: set[str] = field(default_factory=set)
     commit: bool = False
     done: list[asyncio.Future[None]] = field(default_factory=list)
 
@@ -178,6 +182,8 @@ class Daemon:
         #: replies held until the commit is over: (response topic, correlation, key, name)
         self._after_commit: list[tuple[str, bytes | None, Key | None, str]] = []
         self._hold_reply = False
+        #: participants whose frozen state waits for the end of the blackout
+        self._held_states: set[str] = set()
         #: keys of requests queued or waiting for the commit, not answered yet
         self._inflight: set[Key] = set()
         self._progress_dirty = True
@@ -371,6 +377,8 @@ class Daemon:
             self.fragments.pop(name, None)
             batch.writes.append(lambda s, n=name: s.delete_fragment(n))  # type: ignore[misc]
         for t in changes.transitions:
+            if t.event == "freeze" and t.subject in out.participants:
+                batch.froze.add(t.subject)
             batch.writes.append(
                 lambda s, t=t: s.record_transition(  # type: ignore[misc]
                     t.subject, t.event, t.from_state, t.to_state, detail=t.detail
@@ -419,7 +427,20 @@ class Daemon:
             sends.append(self.announce.daemon(self.daemon_status("online")))
         if batch.signal:
             sends.append(self.announce.signal(self.handover_signal()))
-        for name in batch.participants:
+        # Inside the blackout, a participant's own "frozen" is news to nobody
+        # on the critical path (its reply says it; monitors see the counts on
+        # progress): held until the commit or the abort, it does not cost every
+        # participant one more message while the others are still freezing.
+        blackout = self.inc is None and self.out.handover.state in BLACKOUT
+        names = list(batch.participants)
+        if blackout:
+            held = batch.froze.intersection(names)
+            self._held_states |= held
+            names = [n for n in names if n not in held]
+        else:
+            names += [n for n in sorted(self._held_states) if n not in batch.participants]
+            self._held_states.clear()
+        for name in names:
             sends.append(self.announce.participant(name, self.participant_status(name)))
         for topic, body, ctype, correlation, _ in batch.replies:
             sends.append(self.announce.reply(topic, body, ctype, correlation))

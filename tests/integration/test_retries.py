@@ -85,12 +85,20 @@ def persistent_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
     b.close()
 
 
+@pytest.fixture
+def stale_daemon(persistent_broker: PrivateBroker, tmp_path: Path) -> Iterator[DaemonProc]:
+    d = DaemonProc(persistent_broker, "stale", tmp_path / "state")
+    yield d
+    if d.proc is not None:
+        d.proc.send_signal(signal.SIGCONT)  # never leave it stopped behind
+    d.kill()
+
+
 async def test_a_stale_retained_handover_never_cancels_a_live_one(
-    persistent_broker: PrivateBroker, tmp_path: Path
+    persistent_broker: PrivateBroker, stale_daemon: DaemonProc
 ) -> None:
     """A persistent broker killed mid-handover replays an old retained ``idle``."""
-    host = "stale"
-    d = DaemonProc(persistent_broker, host, tmp_path / "state")
+    host, d = "stale", stale_daemon
     d.start()
     # Saved at a clean stop: the broker's database now holds the idle handover.
     persistent_broker.stop()
@@ -128,7 +136,6 @@ async def test_a_stale_retained_handover_never_cancels_a_live_one(
         signal_ = await p.wait_for_handover(lambda s: s.state == "committed")
         assert signal_.id == p.handover_id
     assert cancels == []
-    d.stop()
 
 
 async def _one_committed(d: DaemonProc, p: Participant) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 from typing import Any
 
@@ -92,3 +93,37 @@ async def test_a_refused_subscription_is_raised_at_once_not_waited_out() -> None
     conn._check_suback("khod/v1/h/handover", [ReasonCode(PacketTypes.SUBACK, identifier=0x87)])
     with pytest.raises(NotAuthorized, match="subscription to khod/v1/h/handover"):
         await conn.wait_connected(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"content_type": "application/json"},
+        {
+            "content_type": "application/x-dtb",
+            "response_topic": "khod/v1/h/p/a/reply",
+            "correlation": b"\x00\x01",
+            "expiry": 29.2,
+        },
+        {"correlation": b"", "expiry": 0.1},
+    ],
+)
+def test_fast_publish_properties_pack_as_pahos_own(kw: dict[str, Any]) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from khod.transport import properties
+
+    slow = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if "expiry" in kw:
+        slow.MessageExpiryInterval = max(1, math.ceil(kw["expiry"]))
+    if kw.get("content_type"):
+        slow.ContentType = kw["content_type"]
+    if kw.get("response_topic"):
+        slow.ResponseTopic = kw["response_topic"]
+    if "correlation" in kw:
+        slow.CorrelationData = kw["correlation"]
+    fast = properties(**kw)
+    assert fast.pack() == slow.pack()
+    assert properties().pack() == b"\x00"  # the template stays empty
