@@ -426,8 +426,6 @@ class Daemon:
         sends: list[Publication] = []
         if batch.daemon:
             sends.append(a.daemon_of(self.daemon_status("online")))
-        if batch.signal:
-            sends.append(a.signal_of(self.handover_signal()))
         # Inside the blackout, a participant's own new state (serialized,
         # frozen) is news to nobody on the critical path: its reply says it,
         # monitors see the counts on progress. Held until the commit or the
@@ -436,13 +434,20 @@ class Daemon:
         # signal to that participant: it goes at once.
         blackout = self.inc is None and self.out.handover.state in BLACKOUT
         names = list(batch.participants)
+        released: list[str] = []
         if blackout:
             held = batch.asked.intersection(names)
             self._held_states |= held
             names = [n for n in names if n not in held]
         else:
-            names += [n for n in sorted(self._held_states) if n not in batch.participants]
+            released = [n for n in sorted(self._held_states) if n not in batch.participants]
             self._held_states.clear()
+        # The states held through a commit go before it: whoever sees
+        # "committed" sees every participant frozen.
+        for name in released:
+            sends.append(a.state_of(name, self.participant_status(name)))
+        if batch.signal:
+            sends.append(a.signal_of(self.handover_signal()))
         for name in names:
             sends.append(a.state_of(name, self.participant_status(name)))
         for topic, body, ctype, correlation, _ in batch.replies:
