@@ -22,10 +22,13 @@ from typing import IO
 
 import aiomqtt
 
-from khod import __version__, backend, sdnotify
+from khod import __version__, assembly, backend, sdnotify
 from khod.config import Settings, load_settings
-from khod.daemon import Daemon
+from khod.daemon import Daemon, boot_id
 from khod.errors import ConfigError, KhodError
+from khod.lifecycle import HandoverState, HostRestoreState
+from khod.luo import LuoError
+from khod.luo_handoff import LuoHandoff
 from khod.protocol import JSON, DaemonStatus, Topics, encode
 from khod.store import Store
 from khod.transport import Connection, message_props, properties
@@ -59,15 +62,36 @@ def lock_state_dir(state_dir: Path) -> IO[bytes]:
 
 async def serve(settings: Settings, *, restore: Path | None = None) -> int:
     lock = lock_state_dir(settings.state_dir)
-    store = Store(settings.state_dir)
     try:
-        return await _serve(settings, store, restore)
+        handoff = open_luo(settings)
+    except BaseException:
+        lock.close()
+        raise
+    store = Store(settings.state_dir)
+    backend.use_luo(handoff)
+    try:
+        return await _serve(settings, store, restore, handoff)
     finally:
+        backend.use_luo(None)
+        if handoff is not None:
+            handoff.close()
         store.close()
         lock.close()
 
 
-async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
+def open_luo(settings: Settings) -> LuoHandoff | None:
+    """With backend "luo", own /dev/liveupdate for as long as khod runs."""
+    if settings.backend != "luo":
+        return None
+    try:
+        return LuoHandoff(settings.host_id)
+    except LuoError as exc:
+        raise ConfigError(f"backend 'luo': {exc}") from None
+
+
+async def _serve(
+    settings: Settings, store: Store, restore: Path | None, handoff: LuoHandoff | None
+) -> int:
     topics = Topics(settings.host_id)
     offline = encode(DaemonStatus(version=__version__, state="offline"))
     conn = Connection(
@@ -97,7 +121,12 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
         # Changes whenever the connection drops or comes back.
         epoch=lambda: conn.connects if conn.connected else -1,
     )
-    daemon.load_incoming(restore)
+    handed_over = None
+    if handoff is not None:
+        handed_over = handoff.receive(settings.payload_path)
+    daemon.load_incoming(restore, handed_over=handed_over)
+    if handoff is not None and handed_over is None:
+        _luo_preserve_again(daemon, handoff)
 
     async def on_message(m: aiomqtt.Message) -> None:
         await daemon.handle(m.topic.value, m.payload, message_props(m), retain=m.retain)
@@ -116,6 +145,8 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
             tg.create_task(conn.run(), name="bus"),
             tg.create_task(_deadlines(daemon), name="deadlines"),
         ]
+        if handoff is not None:
+            tasks.append(tg.create_task(_luo_finish(daemon, handoff), name="luo"))
         with contextlib.suppress(KhodError):
             await conn.wait_connected(30)
         sdnotify.notify("READY=1", f"STATUS=khod {__version__} on {settings.broker_url}")
@@ -153,6 +184,33 @@ async def _deadlines(daemon: Daemon) -> None:
         if line != last:
             sdnotify.notify(line)
             last = line
+        await asyncio.sleep(TICK)
+
+
+def _luo_preserve_again(daemon: Daemon, handoff: LuoHandoff) -> None:
+    """A khod restarted between commit and kexec preserves the same payload again.
+
+    Its predecessor's session closed with it, and the kernel unpreserved the
+    image; the fragments are still in the store and assemble to the same bytes.
+    """
+    h = daemon.out.handover
+    if h.state is not HandoverState.COMMITTED or daemon.store.get_meta("boot_id") != boot_id():
+        return
+    try:
+        image, _ = assembly.build(daemon.out, daemon.store, base=daemon.settings.payload_base)
+        handoff.preserve(image)
+    except KhodError as exc:
+        log.error("handover %s is committed, but cannot be preserved again: %s", h.id, exc)
+        return
+    log.info("handover %s: payload preserved again in LUO session %s", h.id, handoff.name)
+
+
+async def _luo_finish(daemon: Daemon, handoff: LuoHandoff) -> None:
+    """FINISH the retrieved LUO session once the restore is released."""
+    while handoff.incoming is not None:
+        if daemon.inc is None or daemon.inc.state is HostRestoreState.RELEASED:
+            handoff.finish()
+            return
         await asyncio.sleep(TICK)
 
 
