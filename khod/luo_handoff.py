@@ -71,6 +71,7 @@ class LuoHandoff:
         """
         session = self.device.retrieve_session(self.name)
         if session is None:
+            log.info("no LUO session %s from before this boot: nothing to restore", self.name)
             return None
         self.incoming = session
         try:
