@@ -54,7 +54,8 @@ IMAGE_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcnt
 class LuoError(KhodError):
     """A LUO operation failed; the message names the operation and the cause."""
 
-    code = "luo"
+    # On the bus it is only ever seen as the reason a commit failed.
+    code = "commit-failed"
 
     def __init__(self, message: str, errno_: int | None = None) -> None:
         super().__init__(message)
