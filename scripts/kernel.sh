@@ -5,6 +5,7 @@
 #
 # Usage:
 #   scripts/kernel.sh deps       install what is missing (Debian packages, virtme-ng)
+#   scripts/kernel.sh source     fetch and unpack linux-source only (cached)
 #   scripts/kernel.sh build      fetch linux-source and build the kernel (cached)
 #   scripts/kernel.sh path       print the cached bzImage (builds it if needed)
 #   scripts/kernel.sh run [VNG OPTS] -- CMD..  boot the guest (liveupdate=on) and run CMD
@@ -183,25 +184,25 @@ run_guest() {
 }
 
 main() {
-case "${1:-}" in
-deps) deps ;;
-source) unpack_source "$(fetch_source)" ;;
-build | path) build ;;
-run)
-    shift
-    run_guest "$@"
-    ;;
-test)
-    shift
-    build >/dev/null
-    scripts/setup.sh --test
-    exec .venv/bin/pytest -q -p no:cacheprovider -m kernel tests/kernel "$@"
-    ;;
-*)
-    sed -n '2,17p' "$0" >&2
-    exit 2
-    ;;
-esac
+    case "${1:-}" in
+    deps) deps ;;
+    source) unpack_source "$(fetch_source)" ;;
+    build | path) build ;;
+    run)
+        shift
+        run_guest "$@"
+        ;;
+    test)
+        shift
+        build >/dev/null
+        scripts/setup.sh --test
+        exec .venv/bin/pytest -q -p no:cacheprovider -m kernel tests/kernel "$@"
+        ;;
+    *)
+        sed -n '2,18p' "$0" >&2
+        exit 2
+        ;;
+    esac
 }
 
 main "$@"

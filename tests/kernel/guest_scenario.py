@@ -328,11 +328,12 @@ async def restore(broker: PrivateBroker) -> dict[str, str]:
 
 def boot_restore(results: Path) -> bool:
     st = Stage(results, "restore")
+    # Before khod starts: only the LUO session may carry the payload over.
+    st.note(state_dir_survived=STATE.exists())
     broker = PrivateBroker(Path("/tmp/broker"))
     broker.start(timeout=WAIT)
     khod = Khod(broker, results / "khod-restore.log")
     try:
-        st.note(state_dir_survived=STATE.exists())
         m = khod.wait_log(
             r"retrieved payload from LUO session (\S+): .*\(memfd (/proc/\d+/fd/\d+)\)"
         )
