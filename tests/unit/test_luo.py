@@ -21,9 +21,13 @@ from pathlib import Path
 import pytest
 
 from khod import backend, luo
-from khod.config import load_settings
+from khod.config import Settings, load_settings
+from khod.daemon import Daemon
 from khod.errors import ConfigError
+from khod.fdt import start_storage
 from khod.luo_handoff import IMAGE_TOKEN, LuoHandoff, session_name
+from khod.store import Store
+from tests.fakes import Recorder
 
 
 def test_ioctl_numbers_are_io_with_type_0xba() -> None:
@@ -172,3 +176,46 @@ def test_read_all_ignores_the_file_position(tmp_path: Path) -> None:
         assert hashlib.sha256(luo.read_all(fd)).digest() == hashlib.sha256(b"abcdef").digest()
     finally:
         os.close(fd)
+
+
+# -- the daemon's side of the hand-off (the image the kernel carried) ----------
+
+
+def committed_image(tmp_path: Path) -> tuple[bytes, str]:
+    """The image a khod in the old boot would have preserved."""
+    from khod.payload import PayloadEntry, assemble
+
+    blob = start_storage("test,vm-v1", 1).finish_storage()
+    entry = PayloadEntry("vm", "test,vm-v1", 1, blob, hashlib.sha256(blob).digest())
+    return assemble("h-luo", [entry]), hashlib.sha256(blob).hexdigest()
+
+
+def test_a_handed_over_image_is_restored_like_a_found_one(tmp_path: Path) -> None:
+    image, sha = committed_image(tmp_path)
+    handed = tmp_path / "state" / "payload.kho"
+    handed.parent.mkdir()
+    handed.write_bytes(image)
+    settings = Settings(state_dir=tmp_path / "state", host_id="h", backend="luo")
+    with Store(settings.state_dir) as store:
+        d = Daemon(settings, store, Recorder(), clock=lambda: 10.0)
+        d.load_incoming(None, handed_over=handed)
+        assert d.inc is not None and d.inc.handover_id == "h-luo"
+        assert d.image is not None and d.image.retrieve("vm") == d.image.fragment(
+            d.image.entries[0]
+        )
+    # A daemon restarted during the restore resumes it from the store (no second handover).
+    with Store(settings.state_dir) as store:
+        d = Daemon(settings, store, Recorder(), clock=lambda: 11.0)
+        d.load_incoming(None)
+        assert d.inc is not None and d.inc.handover_id == "h-luo"
+
+
+def test_a_corrupt_handed_over_image_is_not_fatal(tmp_path: Path) -> None:
+    handed = tmp_path / "payload.kho"
+    handed.write_bytes(b"not an fdt at all")
+    settings = Settings(state_dir=tmp_path, host_id="h", backend="luo")
+    with Store(tmp_path) as store:
+        d = Daemon(settings, store, Recorder(), clock=lambda: 10.0)
+        d.load_incoming(None, handed_over=handed)  # logged, not raised
+        assert d.inc is None
+        assert d.out.handover.state == "idle"
