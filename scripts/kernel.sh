@@ -179,8 +179,10 @@ check_config() {
 run_guest() {
     local image
     image=$(build)
+    # root=/dev/root: without CONFIG_BLOCK the kernel mounts the 9p root
+    # (tag /dev/root) only when it is named.
     PATH="$tools/bin:$PATH" exec "$tools/bin/vng" --run "$image" --disable-kvm \
-        --memory 1G --cpus 2 --append "liveupdate=on" "$@"
+        --memory 1G --cpus 2 --append "liveupdate=on root=/dev/root" "$@"
 }
 
 main() {

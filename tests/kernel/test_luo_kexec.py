@@ -55,6 +55,8 @@ def guest() -> Iterator[dict[str, Any]]:
             [
                 str(KERNEL_SH),
                 "run",
+                # The kernel's messages and the script's output on the console.
+                "--verbose",
                 "--rwdir",
                 str(results),
                 "--",
