@@ -198,7 +198,8 @@ main() {
         shift
         build >/dev/null
         scripts/setup.sh --test
-        exec .venv/bin/pytest -q -p no:cacheprovider -m kernel tests/kernel "$@"
+        # -rP: the guest's timings (printed by the fixture) also when all pass.
+        exec .venv/bin/pytest -q -rP -p no:cacheprovider -m kernel tests/kernel "$@"
         ;;
     *)
         sed -n '2,18p' "$0" >&2

@@ -67,7 +67,12 @@ class Stage:
     def __init__(self, results: Path, name: str) -> None:
         self.results = results
         self.name = name
-        self.data: dict[str, Any] = {"stage": name, "ok": False, "boot_id": boot_id()}
+        self.data: dict[str, Any] = {
+            "stage": name,
+            "ok": False,
+            "boot_id": boot_id(),
+            "started_at": time.time(),
+        }
         self.t0 = time.monotonic()
 
     def note(self, **kw: Any) -> None:
@@ -76,6 +81,7 @@ class Stage:
 
     def save(self) -> None:
         self.data["seconds"] = round(time.monotonic() - self.t0, 1)
+        self.data["saved_at"] = time.time()
         path = self.results / f"{self.name}.json"
         tmp = path.with_suffix(".tmp")
         with tmp.open("w") as f:

@@ -75,8 +75,13 @@ def guest() -> Iterator[dict[str, Any]]:
         p.stem: json.loads(p.read_text()) for p in results.glob("*.json") if p.stem != "console"
     }
     print(f"guest run: {time.monotonic() - started:.0f} s, exit {proc.returncode}")
-    for name, data in sorted(stages.items()):
-        print(f"  {name}: ok={data.get('ok')} {data.get('seconds')} s")
+    for name in ("abort", "clean", "restore"):
+        data = stages.get(name, {})
+        print(f"  boot {name}: ok={data.get('ok')}, {data.get('seconds')} s in its script")
+    if "saved_at" in stages.get("clean", {}) and "saved_at" in stages.get("restore", {}):
+        # From the commit (just before kexec) to every fragment retrieved and the session finished.
+        trip = stages["restore"]["saved_at"] - stages["clean"]["saved_at"]
+        print(f"  round trip, commit -> kexec -> restore released: {trip:.0f} s")
     ok = all(stages.get(s, {}).get("ok") for s in ("abort", "clean", "restore"))
     if not ok:
         # What the guest said is the only clue: show it.
