@@ -22,12 +22,10 @@ from typing import IO
 
 import aiomqtt
 
-from khod import __version__, assembly, backend, sdnotify
+from khod import __version__, backend, luo_service, sdnotify
 from khod.config import Settings, load_settings
-from khod.daemon import Daemon, boot_id
+from khod.daemon import Daemon
 from khod.errors import ConfigError, KhodError
-from khod.lifecycle import HandoverState, HostRestoreState
-from khod.luo import LuoError
 from khod.luo_handoff import LuoHandoff
 from khod.protocol import JSON, DaemonStatus, Topics, encode
 from khod.store import Store
@@ -63,7 +61,7 @@ def lock_state_dir(state_dir: Path) -> IO[bytes]:
 async def serve(settings: Settings, *, restore: Path | None = None) -> int:
     lock = lock_state_dir(settings.state_dir)
     try:
-        handoff = open_luo(settings)
+        handoff = luo_service.open_luo(settings)
     except BaseException:
         lock.close()
         raise
@@ -77,16 +75,6 @@ async def serve(settings: Settings, *, restore: Path | None = None) -> int:
             handoff.close()
         store.close()
         lock.close()
-
-
-def open_luo(settings: Settings) -> LuoHandoff | None:
-    """With backend "luo", own /dev/liveupdate for as long as khod runs."""
-    if settings.backend != "luo":
-        return None
-    try:
-        return LuoHandoff(settings.host_id)
-    except LuoError as exc:
-        raise ConfigError(f"backend 'luo': {exc}") from None
 
 
 async def _serve(
@@ -121,12 +109,7 @@ async def _serve(
         # Changes whenever the connection drops or comes back.
         epoch=lambda: conn.connects if conn.connected else -1,
     )
-    handed_over = None
-    if handoff is not None:
-        handed_over = handoff.receive(settings.payload_path)
-    daemon.load_incoming(restore, handed_over=handed_over)
-    if handoff is not None and handed_over is None:
-        _luo_preserve_again(daemon, handoff)
+    luo_service.load_incoming(daemon, handoff, restore)
 
     async def on_message(m: aiomqtt.Message) -> None:
         await daemon.handle(m.topic.value, m.payload, message_props(m), retain=m.retain)
@@ -146,7 +129,8 @@ async def _serve(
             tg.create_task(_deadlines(daemon), name="deadlines"),
         ]
         if handoff is not None:
-            tasks.append(tg.create_task(_luo_finish(daemon, handoff), name="luo"))
+            finish = luo_service.finish_when_released(daemon, handoff)
+            tasks.append(tg.create_task(finish, name="luo"))
         with contextlib.suppress(KhodError):
             await conn.wait_connected(30)
         sdnotify.notify("READY=1", f"STATUS=khod {__version__} on {settings.broker_url}")
@@ -184,33 +168,6 @@ async def _deadlines(daemon: Daemon) -> None:
         if line != last:
             sdnotify.notify(line)
             last = line
-        await asyncio.sleep(TICK)
-
-
-def _luo_preserve_again(daemon: Daemon, handoff: LuoHandoff) -> None:
-    """A khod restarted between commit and kexec preserves the same payload again.
-
-    Its predecessor's session closed with it, and the kernel unpreserved the
-    image; the fragments are still in the store and assemble to the same bytes.
-    """
-    h = daemon.out.handover
-    if h.state is not HandoverState.COMMITTED or daemon.store.get_meta("boot_id") != boot_id():
-        return
-    try:
-        image, _ = assembly.build(daemon.out, daemon.store, base=daemon.settings.payload_base)
-        handoff.preserve(image)
-    except KhodError as exc:
-        log.error("handover %s is committed, but cannot be preserved again: %s", h.id, exc)
-        return
-    log.info("handover %s: payload preserved again in LUO session %s", h.id, handoff.name)
-
-
-async def _luo_finish(daemon: Daemon, handoff: LuoHandoff) -> None:
-    """FINISH the retrieved LUO session once the restore is released."""
-    while handoff.incoming is not None:
-        if daemon.inc is None or daemon.inc.state is HostRestoreState.RELEASED:
-            handoff.finish()
-            return
         await asyncio.sleep(TICK)
 
 

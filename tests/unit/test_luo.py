@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from khod import backend, luo
+from khod import backend, luo, luo_service
 from khod.config import Settings, load_settings
 from khod.daemon import Daemon
 from khod.errors import ConfigError
@@ -218,3 +218,63 @@ def test_a_corrupt_handed_over_image_is_not_fatal(tmp_path: Path) -> None:
         d.load_incoming(None, handed_over=handed)  # logged, not raised
         assert d.inc is None
         assert d.out.handover.state == "idle"
+
+
+class FakeHandoff:
+    """Records what the service asks of the LUO hand-off."""
+
+    def __init__(self) -> None:
+        self.preserved: list[bytes] = []
+        self.incoming: object | None = object()
+        self.finished = 0
+        self.name = "khod-h"
+
+    def preserve(self, image: bytes) -> dict[str, object]:
+        self.preserved.append(image)
+        return {}
+
+    def finish(self) -> None:
+        self.finished += 1
+        self.incoming = None
+
+
+def test_a_restarted_khod_preserves_the_same_payload_again(tmp_path: Path) -> None:
+    from tests.unit.test_daemon_startup import frozen_handover
+
+    with Store(tmp_path) as store:
+        frozen_handover(store, deadline=100.0)
+    settings = Settings(state_dir=tmp_path, host_id="h")
+    with Store(tmp_path) as store:
+        d = Daemon(settings, store, Recorder(), clock=lambda: 50.0)
+        asyncio.run(d.resume())  # commits with the dir backend: the reference image
+        assert d.out.handover.state == "committed"
+        fake = FakeHandoff()
+        luo_service.preserve_again(d, fake)  # type: ignore[arg-type]
+        assert fake.preserved == [(tmp_path / "payload.kho").read_bytes()]
+        # In another boot (after the kexec) there is nothing to preserve again.
+        store.set_meta("boot_id", "an-older-boot")
+        luo_service.preserve_again(d, fake)  # type: ignore[arg-type]
+        assert len(fake.preserved) == 1
+
+
+def test_the_session_is_finished_only_once_the_restore_is_released(tmp_path: Path) -> None:
+    image, _ = committed_image(tmp_path)
+    handed = tmp_path / "payload.kho"
+    handed.write_bytes(image)
+    settings = Settings(state_dir=tmp_path, host_id="h", restore_deadline=5)
+    now = [10.0]
+    with Store(tmp_path) as store:
+        d = Daemon(settings, store, Recorder(), clock=lambda: now[0])
+        d.load_incoming(None, handed_over=handed)
+        fake = FakeHandoff()
+
+        async def scenario() -> None:
+            task = asyncio.create_task(luo_service.finish_when_released(d, fake))  # type: ignore[arg-type]
+            await asyncio.sleep(0.6)
+            assert fake.finished == 0 and not task.done()  # still restoring
+            now[0] = 100.0  # the restore deadline passes: released
+            await d.tick()
+            await asyncio.wait_for(task, 5)
+
+        asyncio.run(scenario())
+        assert fake.finished == 1
