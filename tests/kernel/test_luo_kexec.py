@@ -114,6 +114,7 @@ def test_an_aborted_handover_leaves_no_session_across_the_kexec(guest: dict[str,
     abort = stage(guest, "abort")
     assert abort["cancel_reasons"] == ["kernel test abort"] * 3
     assert abort["handover_after_abort"] == "idle"
+    assert abort["abort_reason"] == "kernel test abort"
     clean = stage(guest, "clean")
     assert clean["boot_id"] != abort["boot_id"], "no kexec happened"
     assert clean["no_session"], "khod found a session after an aborted handover"
