@@ -9,8 +9,10 @@ that outlives the guest's overlays) says which boot this is:
   boot 1  abort   khod (luo) owns /dev/liveupdate; a second ``khod run``
                   exits 2; a handover begins and is aborted; kexec.
   boot 2  clean   khod finds no session of its own and starts on the outgoing
-                  side; then 8 participants hand over; committed; kexec with
-                  khod still holding the session.
+                  side; then 8 participants hand over; committed; khod is
+                  restarted (the kernel drops the closed session's memfd, the
+                  new khod preserves the same payload again); kexec with khod
+                  holding the session.
   boot 3  restore khod retrieves the payload from its session; ``khod
                   inspect`` reads the retrieved memfd; every participant
                   retrieves its fragment (sha256 compared on the host) and
@@ -307,6 +309,15 @@ def boot_clean(results: Path, bzimage: str) -> bool:
             payload=s["handover"]["payload"],
             participants=[(p["name"], p["state"]) for p in s["participants"]],
         )
+        # A khod restarted between commit and kexec: its predecessor's session
+        # closed with it (the kernel dropped the memfd), it preserves the same
+        # payload again from its store. The restore below proves the bytes.
+        st.note(stop_after_commit=khod.stop())
+        st.note(stop_warned=bool(re.search(r"unpreserves the payload", khod.text())))
+        khod = Khod(broker, results / "khod-clean-restarted.log")
+        khod.wait_log(r"payload preserved again in LUO session")
+        khod.wait_log(r"khod \S+ running")
+        st.note(preserved_again=True)
         st.note(ok=True)
     except Exception:
         st.note(error=traceback.format_exc())

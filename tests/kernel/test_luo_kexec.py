@@ -133,6 +133,17 @@ def test_the_committed_payload_is_preserved_in_the_luo_session(guest: dict[str, 
     assert {state for _, state in clean["participants"]} == {"frozen"}
 
 
+def test_a_khod_restarted_after_the_commit_preserves_the_payload_again(
+    guest: dict[str, Any],
+) -> None:
+    clean = stage(guest, "clean")
+    assert clean["stop_after_commit"] == 0
+    assert clean["stop_warned"], "khod stopped with a committed payload without a warning"
+    assert clean["preserved_again"]
+    # The restore (test_every_fragment_crosses_the_kexec_byte_identical) used
+    # the session of the restarted khod: the first one's was closed.
+
+
 def test_every_fragment_crosses_the_kexec_byte_identical(guest: dict[str, Any]) -> None:
     clean, restore = stage(guest, "clean"), stage(guest, "restore")
     assert restore["boot_id"] != clean["boot_id"], "no kexec happened"
