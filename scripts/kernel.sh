@@ -61,8 +61,11 @@ deps() {
         log "installing virtme-ng into $tools"
         mkdir -p "$cache"
         python3 -m venv "$tools"
-        "$tools/bin/python" -m pip install -q --upgrade pip >/dev/null
-        "$tools/bin/python" -m pip install -q virtme-ng >/dev/null
+        # pip is chatty: its output only if it fails.
+        "$tools/bin/python" -m pip install -q --upgrade pip virtme-ng >"$cache/pip.log" 2>&1 || {
+            cat "$cache/pip.log" >&2
+            die "installing virtme-ng failed"
+        }
     fi
 }
 
@@ -208,5 +211,6 @@ main() {
     esac
 }
 
-main "$@"
-exit
+# One line: bash has read all of it before running it, so editing this file
+# while it runs cannot make the running copy read on into the new text.
+main "$@"; exit
