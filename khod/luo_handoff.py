@@ -69,7 +69,11 @@ class LuoHandoff:
         A session that is there but unusable is logged, finished and
         forgotten: the host must still be able to begin its next handover.
         """
-        session = self.device.retrieve_session(self.name)
+        try:
+            session = self.device.retrieve_session(self.name)
+        except luo.LuoError as exc:
+            log.error("LUO session %s cannot be retrieved, not restoring: %s", self.name, exc)
+            return None
         if session is None:
             log.info("no LUO session %s from before this boot: nothing to restore", self.name)
             return None

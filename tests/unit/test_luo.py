@@ -115,8 +115,8 @@ def test_handoff_on_a_fake_device_preserves_nothing(tmp_path: Path) -> None:
         with pytest.raises(luo.LuoError):
             handoff.preserve(b"image")
         assert handoff.outgoing is None
-        with pytest.raises(luo.LuoError, match="retrieve session"):
-            handoff.receive(tmp_path / "payload.kho")
+        # Logged, not fatal: the host must still be able to begin its next handover.
+        assert handoff.receive(tmp_path / "payload.kho") is None
         assert not (tmp_path / "payload.kho").exists()
     finally:
         handoff.close()
