@@ -1,20 +1,27 @@
-"""The daemon's retained topics: what every monitor and participant sees.
+"""The daemon's retained topics and replies: what every monitor and participant sees.
 
-``Announcer`` publishes the daemon, handover and participant states. The
-handover state goes to every participant (it is their freeze and cancel
-signal), so one publish costs N deliveries: within a burst of requests it is
-published once, when the burst is over, unless the handover itself changed
-state, which is announced before the request that caused it is answered.
+``Announcer`` publishes the daemon state, the O(1) handover signal (every
+participant subscribes to it, so it is published only when the handover's
+state changes), each participant's own state, the detailed progress for
+monitors (at a bounded rate, by the caller) and replies. Each call is one
+QoS 1 publish; the daemon sends a batch's publishes together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 from pydantic import BaseModel
 
-from khod.protocol import JSON, DaemonStatus, HandoverStatus, ParticipantStatus, Topics, encode
+from khod.protocol import (
+    JSON,
+    DaemonStatus,
+    HandoverSignal,
+    HandoverStatus,
+    ParticipantStatus,
+    Topics,
+    encode,
+)
 
 
 class Publisher(Protocol):
@@ -31,19 +38,9 @@ class Publisher(Protocol):
 
 
 class Announcer:
-    def __init__(
-        self,
-        publisher: Publisher,
-        topics: Topics,
-        handover: Callable[[], HandoverStatus],
-        *,
-        backlog: Callable[[], int] = lambda: 0,
-    ) -> None:
+    def __init__(self, publisher: Publisher, topics: Topics) -> None:
         self.pub = publisher
         self.topics = topics
-        self.handover = handover
-        self.backlog = backlog
-        self._dirty = False
 
     async def _retain(self, topic: str, model: BaseModel | None) -> None:
         # An empty retained message deletes the topic.
@@ -53,17 +50,14 @@ class Announcer:
     async def daemon(self, status: DaemonStatus) -> None:
         await self._retain(self.topics.daemon, status)
 
+    async def signal(self, signal: HandoverSignal) -> None:
+        await self._retain(self.topics.handover, signal)
+
+    async def progress(self, status: HandoverStatus) -> None:
+        await self._retain(self.topics.progress, status)
+
     async def participant(self, name: str, status: ParticipantStatus | None) -> None:
         await self._retain(self.topics.state(name), status)
-
-    def handover_changed(self) -> None:
-        self._dirty = True
-
-    async def flush(self, *, force: bool = False) -> None:
-        """Publish the handover state if it changed and the burst is over (or forced)."""
-        if self._dirty and (force or self.backlog() == 0):
-            self._dirty = False
-            await self._retain(self.topics.handover, self.handover())
 
     async def clear(self, topic: str) -> None:
         await self.pub.publish(topic, b"", retain=True)

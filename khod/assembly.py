@@ -1,39 +1,40 @@
-"""The last step of a handover: link the stored fragments into a payload.
+"""The last step of a handover: link the fragments into a payload.
 
 Separate from the daemon so that the step can be read (and tested) on its
-own: collect the fragments in freeze order, assemble, read the result back
-(a payload that would not restore is never committed), describe it.
+own. It runs inside the blackout, so it only links: the fragments were
+validated and hashed when they arrived, and are held in memory since then;
+nothing here parses, checks or hashes a fragment again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from khod.errors import PayloadError, StoreError
+from khod.errors import PayloadError
 from khod.handover import Outgoing
-from khod.payload import PayloadEntry, PayloadImage, assemble
-from khod.store import Store
+from khod.payload import PayloadEntry, layout
 
 
-def entries(out: Outgoing, store: Store) -> list[PayloadEntry]:
-    """The payload's entries in freeze order; PayloadError if a fragment is unusable."""
+def entries(out: Outgoing, fragments: Mapping[str, bytes]) -> list[PayloadEntry]:
+    """The payload's entries in freeze order; PayloadError if a fragment is missing."""
     result = []
     for p in out.payload_order():
-        try:
-            blob = store.get_fragment(p.name)
-        except StoreError as exc:  # e.g. its checksum no longer matches
-            raise PayloadError(f"fragment of {p.name!r}: {exc}") from None
+        blob = fragments.get(p.name)
         if blob is None or p.fragment_sha256 is None:
-            raise PayloadError(f"fragment of {p.name!r} is missing from the store")
+            raise PayloadError(f"fragment of {p.name!r} is missing")
         sha = bytes.fromhex(p.fragment_sha256)
         result.append(PayloadEntry(p.name, p.compatible, p.instance, blob, sha, p.restore_after))
     return result
 
 
-def build(out: Outgoing, store: Store, *, base: int) -> tuple[bytes, dict[str, Any]]:
+def build(
+    out: Outgoing, fragments: Mapping[str, bytes], *, base: int
+) -> tuple[bytes, dict[str, Any]]:
     """The payload image of ``out``'s handover and its manifest."""
     handover_id = out.handover.id
     if handover_id is None:
         raise PayloadError("no handover to assemble")
-    image = assemble(handover_id, entries(out, store), base=base)
-    return image, PayloadImage.parse(image, base=base).manifest()
+    items = entries(out, fragments)
+    done = layout(handover_id, items, base=base)
+    return done.image, done.manifest(handover_id, items, base=base)

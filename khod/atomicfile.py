@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from khod.errors import StoreError
 
-__all__ = ["atomic_write", "atomic_write_json", "fsync_directory"]
+__all__ = ["atomic_write", "atomic_write_json", "fsync_directory", "remove_stale_temps"]
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -84,3 +85,32 @@ def fsync_directory(directory: Path) -> None:
             os.close(fd)
     except OSError as exc:
         raise StoreError(f"cannot fsync directory {directory}: {exc}") from exc
+
+
+def remove_stale_temps(targets: list[Path]) -> list[Path]:
+    """Remove the temporary files a crash left behind while replacing ``targets``.
+
+    Only names :func:`atomic_write` makes for those very files
+    (``.<name>.<random>.tmp`` next to each): the directory may hold other
+    people's files. Call it only while no writer runs (at start, under the
+    daemon's lock). Returns what was removed.
+    """
+    removed = []
+    for target in targets:
+        stale = re.compile(rf"\.{re.escape(target.name)}\.[A-Za-z0-9_]+\.tmp")
+        try:
+            entries = list(target.parent.iterdir())
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StoreError(f"cannot list {target.parent}: {exc}") from exc
+        for entry in entries:
+            if stale.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                try:
+                    entry.unlink()
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise StoreError(f"cannot remove stale temporary file {entry}: {exc}") from exc
+                removed.append(entry)
+    return removed

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import signal
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 from khod.atomicfile import atomic_write, atomic_write_json
 from khod.config import Settings
-from khod.errors import ConfigError, KhodError
+from khod.errors import CommitError, ConfigError, KhodError, WithdrawError
 from khod.luo_handoff import LuoHandoff, session_name
 
 #: the LUO hand-off of this process, for backend "luo" (``khod run`` opens it)
@@ -31,12 +30,6 @@ _luo: LuoHandoff | None = None
 def use_luo(handoff: LuoHandoff | None) -> None:
     global _luo
     _luo = handoff
-
-
-class CommitError(KhodError):
-    """The payload could not be committed; the handover aborts."""
-
-    code = "commit-failed"
 
 
 def check_backend(settings: Settings) -> None:
@@ -91,7 +84,9 @@ async def _commit(
         "backend": settings.backend,
         **where,
         "size": len(image),
-        "sha256": hashlib.sha256(image).hexdigest(),
+        # The root holds every fragment's sha256: its hash vouches for the image
+        # without reading every fragment again inside the blackout.
+        "root_sha256": manifest.get("root_sha256"),
         "participants": len(manifest.get("participants", [])),
     }
 
@@ -120,6 +115,25 @@ async def _run(command: list[str], image: Path, timeout: float) -> None:
     if proc.returncode != 0:
         tail = out.decode(errors="replace").strip()[-500:]
         raise CommitError(f"{argv[0]} exited with {proc.returncode}: {tail}")
+
+
+async def withdraw_committed(settings: Settings, *, timeout: float) -> None:
+    """Take back a committed payload: the kexec will not happen.
+
+    With ``exec``, the operator's undo command runs first (e.g. ``kexec -u``):
+    if it fails, the payload stays committed (WithdrawError) — participants
+    must not thaw while a kernel may still boot into it.
+    """
+    path = settings.payload_path
+    if settings.backend == "exec" and settings.exec_undo_command:
+        try:
+            await _run(settings.exec_undo_command, path, timeout)
+        except CommitError as exc:
+            raise WithdrawError(f"cannot withdraw the payload: {exc}") from None
+    try:
+        withdraw(path)
+    except OSError as exc:
+        raise WithdrawError(f"cannot remove {path}: {exc.strerror or exc}") from None
 
 
 def withdraw(image: Path) -> None:

@@ -15,6 +15,13 @@ from pathlib import Path
 def _add_bus_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", type=Path, help="khod.toml (default: $KHOD_CONFIG)")
     p.add_argument("--broker", help="broker URL: mqtt://host:port or unix:///path")
+    p.add_argument("--broker-username", metavar="USER", help="broker user (e.g. operator)")
+    p.add_argument(
+        "--broker-password-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the broker password (or set $KHOD_BROKER_PASSWORD)",
+    )
     p.add_argument("--host-id", help="host id in the topic prefix (default: hostname)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon")
 

@@ -15,14 +15,14 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from khod import names
 from khod.errors import ConfigError, RegistrationError
 from khod.names import default_host_id
-from khod.transport import BrokerURL
+from khod.transport import BrokerURL, read_password_file
 
 _FILE_DATA: ContextVar[dict[str, Any] | None] = ContextVar("khod_config_file", default=None)
 
@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KHOD_", extra="forbid")
 
     broker: str = "mqtt://127.0.0.1:1883"
+    #: the broker user (overrides one in the URL)
+    broker_username: str | None = None
+    #: a file holding the broker password (one line), e.g. systemd's
+    #: $CREDENTIALS_DIRECTORY/broker-password: out of ps, logs and the config
+    broker_password_file: Path | None = None
+    #: the broker password itself; for KHOD_BROKER_PASSWORD, not the file
+    broker_password: SecretStr | None = None
     host_id: str = Field(default_factory=default_host_id)
     state_dir: Path = Path("/var/lib/khod")
     #: where the committed payload image and its manifest go (default: state_dir)
@@ -56,6 +63,9 @@ class Settings(BaseSettings):
     backend: Literal["dir", "exec", "luo"] = "dir"
     #: with backend "exec": argv run after the image is on disk; "{image}" is replaced
     exec_command: list[str] = Field(default_factory=list)
+    #: with backend "exec": argv run when a committed payload is withdrawn
+    #: (``khod abort`` after commit), e.g. ["kexec", "-u"]; "{image}" is replaced
+    exec_undo_command: list[str] = Field(default_factory=list)
     #: physical base the payload is loaded at (0: offsets)
     payload_base: int = Field(default=0, ge=0)
 
@@ -73,9 +83,21 @@ class Settings(BaseSettings):
         except RegistrationError as exc:
             raise ValueError(str(exc)) from None
 
+    @model_validator(mode="after")
+    def _one_password(self) -> Settings:
+        if self.broker_password is not None and self.broker_password_file is not None:
+            raise ValueError("set broker_password or broker_password_file, not both")
+        return self
+
     @property
     def broker_url(self) -> BrokerURL:
-        return BrokerURL.parse(self.broker)
+        """The broker URL with the configured credentials (ConfigError if unreadable)."""
+        password = None
+        if self.broker_password is not None:
+            password = self.broker_password.get_secret_value()
+        elif self.broker_password_file is not None:
+            password = read_password_file(self.broker_password_file)
+        return BrokerURL.parse(self.broker).with_credentials(self.broker_username, password)
 
     @property
     def payload_path(self) -> Path:
@@ -111,7 +133,9 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         data = data.get("khod", data)
     token = _FILE_DATA.set(data)
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings.broker_url  # noqa: B018  (an unreadable password file is a config error now)
+        return settings
     except ValidationError as exc:
         where = f" (file {path})" if path else ""
         details = "; ".join(

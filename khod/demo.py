@@ -153,6 +153,7 @@ class Operator:
             identifier=client_id("khod-demo"),
             subscriptions=[
                 self.topics.handover,
+                self.topics.progress,
                 self.topics.participant_states,
                 self.topics.daemon,
             ],

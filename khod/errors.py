@@ -134,9 +134,43 @@ class RequestTimeout(KhodError):
     code = "timeout"
 
 
+class BrokerRefused(KhodError):
+    """The broker refused a connection, a publish or a subscription (a reason code >= 0x80).
+
+    Not retried into a timeout: a refusal is reported at once, as such.
+    """
+
+    code = "broker-refused"
+
+    def __init__(self, message: str, reason_code: int) -> None:
+        self.reason_code = reason_code
+        super().__init__(message)
+
+
+class NotAuthorized(BrokerRefused):
+    """The broker refused a login (0x86 bad user name or password) or an ACL refused (0x87)."""
+
+    code = "not-authorized"
+
+
 class RemoteError(KhodError):
     """The daemon answered a request with an error; ``code`` is the daemon's."""
 
     def __init__(self, code: str, message: str) -> None:
         self.code = code
         super().__init__(f"{code}: {message}")
+
+
+# -- committing the payload ------------------------------------------------------
+
+
+class CommitError(KhodError):
+    """The payload could not be committed; the handover aborts."""
+
+    code = "commit-failed"
+
+
+class WithdrawError(KhodError):
+    """A committed payload could not be withdrawn; it stays committed."""
+
+    code = "withdraw-failed"

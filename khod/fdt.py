@@ -28,6 +28,9 @@ Conventions (the payload format in the design contract relies on them):
   property names use ``[A-Za-z0-9,._+*#?-]``. ``name``, ``phandle`` and
   ``linux,phandle`` are refused: dtc gives them meaning a fragment has no use
   for. Within a node, names are unique and properties come before subnodes.
+- Nodes nest at most ``MAX_DEPTH`` (32) deep, the root counting as one,
+  and names are at most ``MAX_NAME_LEN`` (255) bytes.
+  Reading costs time and memory linear in the blob's size at any depth.
 """
 
 from __future__ import annotations
@@ -48,10 +51,19 @@ FDT_VERSION = 17
 FDT_MAGIC = 0xD00DFEED
 FDT_HEADER_SIZE = 40
 INSTANCE_MAX_LEN = 64
+#: Nodes on the path from the root to the deepest node, the root included.
+#: Linux unflattens at most 64 (FDT_MAX_DEPTH); nothing a component hands
+#: over needs more than a few, and a bound keeps hostile nesting cheap.
+MAX_DEPTH = 32
+#: Bytes in a node or property name. The devicetree spec says 31; this is
+#: generous, and keeps a reader from scanning (and copying) a long string of
+#: the strings block once per property that points into it.
+MAX_NAME_LEN = 255
 
 _NODE_RE = re.compile(r"[A-Za-z0-9,._+-]+(@[A-Za-z0-9,._+-]*)?")
 _PROP_RE = re.compile(r"[A-Za-z0-9,._+*#?-]+")
 _COMPATIBLE_RE = re.compile(r"[\x21-\x7e]+")
+_LONG_NAME_RE = re.compile(b"[^\\0]{%d}" % (MAX_NAME_LEN + 1))
 _RESERVED_PROPS = frozenset({"name", "phandle", "linux,phandle"})
 _PRINTABLE = frozenset(range(0x20, 0x7F))
 _BEGIN_NODE, _END_NODE, _PROP, _NOP, _END = 1, 2, 3, 4, 9
@@ -117,6 +129,8 @@ def decode_instance(raw: bytes) -> int | str:
 
 def check_node_name(name: str) -> None:
     """FragmentError unless ``name`` is a node name dtc accepts."""
+    if len(name) > MAX_NAME_LEN:
+        raise FragmentError(f"node name of {len(name)} bytes is longer than {MAX_NAME_LEN}")
     if not _NODE_RE.fullmatch(name):
         raise FragmentError(
             f"bad node name {name!r}: use letters, digits and ,._+- with at most one "
@@ -126,6 +140,8 @@ def check_node_name(name: str) -> None:
 
 def check_property_name(name: str) -> None:
     """FragmentError unless ``name`` is a property name dtc accepts and gives no meaning."""
+    if len(name) > MAX_NAME_LEN:
+        raise FragmentError(f"property name of {len(name)} bytes is longer than {MAX_NAME_LEN}")
     if not _PROP_RE.fullmatch(name):
         raise FragmentError(f"bad property name {name!r}: use letters, digits and ,._+*#?-")
     if name in _RESERVED_PROPS:
@@ -135,11 +151,38 @@ def check_property_name(name: str) -> None:
 # -- writing -----------------------------------------------------------------
 
 
+class _Path:
+    """A node's path as a link to its parent's: O(1) to make, a str only when shown.
+
+    Building every path as a string costs time and memory quadratic in the depth.
+    """
+
+    __slots__ = ("name", "parent")
+
+    def __init__(self, name: str, parent: _Path | None) -> None:
+        self.name, self.parent = name, parent
+
+    def __str__(self) -> str:
+        names: list[str] = []
+        at: _Path | None = self
+        while at is not None and at.parent is not None:
+            names.append(at.name)
+            at = at.parent
+        return "/" + "/".join(reversed(names))
+
+
+_ROOT_PATH = _Path("", None)
+
+
 @dataclass
 class _Frame:
-    path: str
+    path: _Path
     props: set[str] = field(default_factory=set)
     children: set[str] = field(default_factory=set)
+
+
+def _too_deep(where: object) -> FragmentError:
+    return FragmentError(f"nodes nest deeper than {MAX_DEPTH} levels, under {where}")
 
 
 class FdtWriter:
@@ -186,12 +229,14 @@ class FdtWriter:
             check_node_name(name)
             if name in parent.children:
                 raise FragmentError(f"duplicate node {name!r} under {parent.path}")
+            if len(self._frames) >= MAX_DEPTH:
+                raise _too_deep(parent.path)
             parent.children.add(name)
-            path = f"{parent.path.rstrip('/')}/{name}"
+            path = _Path(name, parent.path)
         elif name:
             raise FragmentError(f"the root node has an empty name, got {name!r}")
         else:
-            path = "/"
+            path = _ROOT_PATH
         self._reserve(len(name) + 16)
         self._sw.begin_node(name)
         self._frames.append(_Frame(path))
@@ -375,6 +420,15 @@ def check_blob(data: bytes) -> None:
             f"{len(data) - h.totalsize} stray bytes after the FDT "
             f"(header totalsize {h.totalsize}, got {len(data)})"
         )
+    # libfdt finds each property's name with a memchr to the end of the strings
+    # block: quadratic when many properties point into one long string.
+    strings = data[h.off_dt_strings : h.off_dt_strings + h.size_dt_strings]
+    long_name = _LONG_NAME_RE.search(strings)
+    if long_name is not None:
+        raise FragmentError(
+            f"a name in the strings block (offset {long_name.start()}) is longer than "
+            f"{MAX_NAME_LEN} bytes"
+        )
     err = int(libfdt.fdt_check_full(bytearray(data), len(data)))
     if err:
         raise FragmentError(f"libfdt full check failed: {libfdt.fdt_strerror(err)}")
@@ -385,9 +439,13 @@ class Node:
     """One node as read from a blob; names are latin-1 so that any byte survives."""
 
     name: str
-    path: str
+    where: _Path = field(repr=False, compare=False)
     properties: tuple[tuple[str, bytes], ...]
     children: tuple[Node, ...]
+
+    @property
+    def path(self) -> str:
+        return str(self.where)
 
     def get(self, name: str) -> bytes | None:
         """The value of the first property called ``name``, or None."""
@@ -397,7 +455,7 @@ class Node:
 @dataclass
 class _OpenNode:
     name: str
-    path: str
+    where: _Path
     props: list[tuple[str, bytes]] = field(default_factory=list)
     children: list[Node] = field(default_factory=list)
 
@@ -416,16 +474,19 @@ def read_tree(data: bytes) -> Node:
         (tag,) = _U32.unpack_from(data, pos)
         pos += 4
         if tag == _BEGIN_NODE:
-            nul = data.find(b"\0", pos, end)
+            nul = data.find(b"\0", pos, min(end, pos + MAX_NAME_LEN + 1))
             if nul < 0:
-                break
+                raise FragmentError(
+                    f"node name at offset {pos} is longer than {MAX_NAME_LEN} bytes"
+                )
             name = data[pos:nul].decode("latin-1")
-            path = f"{stack[-1].path.rstrip('/')}/{name}" if stack else "/"
-            stack.append(_OpenNode(name, path))
+            if len(stack) >= MAX_DEPTH:
+                raise _too_deep(stack[-1].where)
+            stack.append(_OpenNode(name, _Path(name, stack[-1].where) if stack else _ROOT_PATH))
             pos = _align4(nul + 1)
         elif tag == _END_NODE and stack:
             top = stack.pop()
-            node = Node(top.name, top.path, tuple(top.props), tuple(top.children))
+            node = Node(top.name, top.where, tuple(top.props), tuple(top.children))
             if stack:
                 stack[-1].children.append(node)
             else:
@@ -434,11 +495,15 @@ def read_tree(data: bytes) -> Node:
             length, nameoff = struct.unpack_from(">II", data, pos)
             value = data[pos + 8 : pos + 8 + length]
             pos = _align4(pos + 8 + length)
-            nul = strings.find(b"\0", nameoff)
+            nul = strings.find(b"\0", nameoff, nameoff + MAX_NAME_LEN + 1)
+            if nul < 0:
+                raise FragmentError(
+                    f"property name at strings offset {nameoff} is longer than {MAX_NAME_LEN} bytes"
+                )
             pname = strings[nameoff:nul].decode("latin-1")
             if stack[-1].children:
                 raise FragmentError(
-                    f"property {pname!r} in {stack[-1].path} follows a subnode; "
+                    f"property {pname!r} in {stack[-1].where} follows a subnode; "
                     "libfdt readers would not see it"
                 )
             stack[-1].props.append((pname, value))

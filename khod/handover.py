@@ -53,6 +53,8 @@ class Participant:
     fragment_sha256: str | None = None
     error: str | None = None
     updated_at: float = 0.0
+    #: the status sequence number it was last published with (the daemon stamps it)
+    seq: int = 0
 
     def same_identity(self, other: Participant) -> bool:
         return (self.compatible, self.instance, self.freeze_after, self.restore_after) == (
@@ -74,6 +76,7 @@ class Participant:
             "fragment_sha256": self.fragment_sha256,
             "error": self.error,
             "updated_at": self.updated_at,
+            "seq": self.seq,
         }
 
     @classmethod
@@ -89,6 +92,7 @@ class Participant:
             fragment_sha256=r.get("fragment_sha256"),
             error=r.get("error"),
             updated_at=float(r.get("updated_at", 0.0)),
+            seq=int(r.get("seq", 0)),
         )
 
 
@@ -108,6 +112,7 @@ class Handover:
     abort_reason: str | None = None
     last_id: str | None = None  # the id of the previous (aborted) handover
     payload: dict[str, Any] | None = None
+    seq: int = 0  # the status sequence number it was last published with
 
     def to_record(self) -> dict[str, Any]:
         r = dict(self.__dict__)
@@ -162,11 +167,74 @@ class Outgoing:
     ) -> None:
         self.handover = handover or Handover()
         self.participants: dict[str, Participant] = {p.name: p for p in participants}
+        # Indexes that keep every request O(1) in the number of participants:
+        # the members of the handover as a set, and how many are in each
+        # state. Rebuilt (O(N)) only when ``handover.expected`` is replaced,
+        # which begin and a forced freeze do, never a participant's request.
+        self._indexed: tuple[str, ...] | None = None
+        self._members: set[str] = set()
+        self._tally: dict[ParticipantState, int] = {}
+        #: who names whom in freeze_after, among the members (built at freeze)
+        self._dependents: dict[str, list[str]] = {}
+        if self.handover.state is H.FREEZING:
+            self._index_dependents()
+
+    # -- indexes -------------------------------------------------------------
+
+    def _index(self) -> None:
+        expected = self.handover.expected
+        if self._indexed is expected:
+            return
+        self._indexed = expected
+        self._members = set(expected)
+        self._tally = dict.fromkeys(ParticipantState, 0)
+        for n in self._members:
+            p = self.participants.get(n)
+            if p is not None:
+                self._tally[p.state] += 1
+
+    def _join(self, name: str) -> None:
+        """Add ``name`` to the expected members, keeping the indexes (O(1) amortized)."""
+        self._index()
+        self.handover.expected = (*self.handover.expected, name)
+        self._indexed = self.handover.expected
+        self._members.add(name)
+        p = self.participants.get(name)
+        if p is not None:
+            self._tally[p.state] += 1
+
+    def _count(self, *states: ParticipantState) -> int:
+        self._index()
+        return sum(self._tally[s] for s in states)
 
     # -- queries -------------------------------------------------------------
 
+    def is_member(self, name: str) -> bool:
+        """Whether ``name`` is expected by the current handover (running or not)."""
+        self._index()
+        return name in self._members
+
     def in_handover(self, name: str) -> bool:
-        return self.handover.state in ACTIVE and name in self.handover.expected
+        return self.handover.state in ACTIVE and self.is_member(name)
+
+    def missing_count(self) -> int:
+        """How many expected participants are not serialized (or frozen) yet, in O(1)."""
+        return len(self.handover.expected) - self._count(P.SERIALIZED, P.FROZEN)
+
+    def not_frozen_count(self) -> int:
+        return len(self.handover.expected) - self._count(P.FROZEN)
+
+    def may_freeze(self, name: str) -> bool | None:
+        """Whether one that named ``freeze_after`` may freeze now; None if it named none."""
+        p = self.participants[name]
+        if not p.freeze_after:
+            return None
+        return (
+            self.handover.state is H.FREEZING
+            and p.state is P.SERIALIZED
+            and self.is_member(name)
+            and not self._waiting_for(name)
+        )
 
     def missing(self) -> list[str]:
         """Expected participants not serialized (or frozen) yet."""
@@ -198,7 +266,7 @@ class Outgoing:
         return [
             m
             for m in self.participants[name].freeze_after
-            if m in self.handover.expected and self.participants[m].state is not P.FROZEN
+            if self.is_member(m) and self.participants[m].state is not P.FROZEN
         ]
 
     def counts(self) -> dict[str, int]:
@@ -268,14 +336,18 @@ class Outgoing:
         changes = Changes()
         if old is None:
             self.participants[name] = new
+            if self.is_member(name):
+                self._tally[new.state] += 1
             changes.participants.add(name)
             changes.transitions.append(Transition(name, "register", None, P.REGISTERED))
         else:
             self._participant(changes, old, ParticipantEvent.REGISTER, now)
         p = self.participants[name]
         if joins:
-            if name not in self.handover.expected:
-                self.handover.expected = (*self.handover.expected, name)
+            if not self.is_member(name):
+                # Not a handover change for the broadcast: the participant's own
+                # state says it takes part, and monitors see it in the progress.
+                self._join(name)
                 changes.handover = True
             self._participant(changes, p, ParticipantEvent.BEGIN, now)
         return changes
@@ -298,6 +370,10 @@ class Outgoing:
 
     def revise(self, name: str, *, now: float) -> Changes:
         p = self._member(name, "revise its fragment")
+        if p.state is P.PREPARING:
+            # No fragment to withdraw: nothing changes, so nothing is stored or republished.
+            participant_next(p.state, ParticipantEvent.REVISE)
+            return Changes()
         changes = Changes()
         self._participant(changes, p, ParticipantEvent.REVISE, now)
         p.fragment_size = p.fragment_sha256 = None
@@ -317,7 +393,9 @@ class Outgoing:
             )
         changes = Changes()
         self._participant(changes, p, ParticipantEvent.FREEZE, now)
-        if not self.not_frozen():
+        # Those that freeze after it may now be free to go: their own state says so.
+        changes.participants.update(self._dependents.get(name, ()))
+        if self.not_frozen_count() == 0:
             self._handover(changes, HandoverEvent.ALL_FROZEN)
             changes.assemble = True
         return changes
@@ -341,6 +419,8 @@ class Outgoing:
         else:
             changes = Changes()
         # It is gone: the next handover must not wait for it.
+        if self.is_member(name):
+            self._tally[p.state] -= 1
         del self.participants[name]
         changes.removed.add(name)
         changes.participants.discard(name)
@@ -415,8 +495,13 @@ class Outgoing:
         return changes
 
     def abort(self, reason: str, *, now: float) -> Changes:
+        """Abort the handover (or, once committed, withdraw its payload); everyone cancels."""
+        committed = self.handover.state is H.COMMITTED
+        if committed:
+            reason = f"payload withdrawn: {reason}"
         changes = Changes()
-        self._handover(changes, HandoverEvent.ABORT, detail=reason)
+        event = HandoverEvent.WITHDRAW if committed else HandoverEvent.ABORT
+        self._handover(changes, event, detail=reason)
         self.handover.abort_reason = reason
         members = set(self.handover.expected)
         for p in self.participants.values():
@@ -430,6 +515,7 @@ class Outgoing:
         self._handover(changes, HandoverEvent.RESET)
         self.handover.payload = None
         self.handover.freeze_order = ()
+        self._dependents = {}
         return changes
 
     def check_deadline(self, *, now: float) -> Changes:
@@ -486,6 +572,9 @@ class Outgoing:
         to = participant_next(p.state, event)
         changes.transitions.append(Transition(p.name, str(event), str(p.state), str(to), detail))
         changes.participants.add(p.name)
+        if self.is_member(p.name):
+            self._tally[p.state] -= 1
+            self._tally[to] += 1
         p.state, p.updated_at = to, now
         if to is P.REGISTERED:
             p.error = None
@@ -506,7 +595,7 @@ class Outgoing:
 
     def _maybe_auto_freeze(self, changes: Changes, now: float) -> None:
         h = self.handover
-        if h.state is H.PREPARING and h.auto_freeze and not self.missing():
+        if h.state is H.PREPARING and h.auto_freeze and self.missing_count() == 0:
             self._start_freeze(changes, now)
 
     def _start_freeze(self, changes: Changes, now: float) -> None:
@@ -516,8 +605,20 @@ class Outgoing:
             n: [d for d in self.participants[n].freeze_after if d in expected] for n in expected
         }
         self.handover.freeze_order = tuple(order(members, what="freeze"))
+        self._index_dependents()
+        for n in expected:
+            if self.participants[n].freeze_after:
+                # Its own state carries may_freeze: publish it with the signal.
+                changes.participants.add(n)
         self._handover(changes, HandoverEvent.FREEZE)
         self.handover.freeze_at = now
+
+    def _index_dependents(self) -> None:
+        self._dependents = {}
+        for n in self.handover.freeze_order:
+            for d in self.participants[n].freeze_after:
+                if self.is_member(d):
+                    self._dependents.setdefault(d, []).append(n)
 
     def _check_known_order(self, p: Participant, members: Iterable[str]) -> None:
         known = set(members)
@@ -531,6 +632,10 @@ class Outgoing:
 
     def _check_acyclic(self, new: Participant) -> None:
         for kind in ("freeze_after", "restore_after"):
+            if not getattr(new, kind):
+                # The graph without it is acyclic, and a cycle through it needs
+                # an edge out of it: nothing to walk (keeps registering O(1)).
+                continue
             graph = {n: getattr(q, kind) for n, q in self.participants.items()}
             graph[new.name] = getattr(new, kind)
             cycle = find_cycle(graph)

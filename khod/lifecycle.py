@@ -8,6 +8,7 @@ Three machines, each one explicit table ``{STATE: {EVENT: NEXT_STATE}}``:
 
       idle -> preparing -> freezing -> frozen -> assembled -> committed
       any state before committed -> aborting -> idle
+      committed -> aborting -> idle   (withdraw: the kexec will not happen)
 
 * a **participant** inside a handover::
 
@@ -35,6 +36,7 @@ sequence and rejects cycles and unknown names.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import TypeVar
@@ -59,6 +61,7 @@ class HandoverEvent(StrEnum):
     ASSEMBLE = "assemble"
     COMMIT = "commit"
     ABORT = "abort"
+    WITHDRAW = "withdraw"
     RESET = "reset"
 
 
@@ -108,9 +111,10 @@ HANDOVER_TABLE: dict[HandoverState, dict[HandoverEvent, HandoverState]] = {
     H.FREEZING: {HandoverEvent.ALL_FROZEN: H.FROZEN, HandoverEvent.ABORT: H.ABORTING},
     H.FROZEN: {HandoverEvent.ASSEMBLE: H.ASSEMBLED, HandoverEvent.ABORT: H.ABORTING},
     H.ASSEMBLED: {HandoverEvent.COMMIT: H.COMMITTED, HandoverEvent.ABORT: H.ABORTING},
-    # Committed is final for this boot, like KHO after finalization (-EBUSY):
-    # the payload is in the kernel's hands; only the next boot restores it.
-    H.COMMITTED: {},
+    # Committed is final for this boot, like KHO after finalization (-EBUSY),
+    # with one way back: the operator withdraws the payload because the kexec
+    # will not happen (postponed, `kexec -l` failed), and everyone thaws.
+    H.COMMITTED: {HandoverEvent.WITHDRAW: H.ABORTING},
     H.ABORTING: {HandoverEvent.RESET: H.IDLE},
 }
 
@@ -220,19 +224,21 @@ def order(after: Mapping[str, Iterable[str]], *, what: str = "freeze") -> list[s
         deps[name] = wanted
     result: list[str] = []
     done: set[str] = set()
-    ready = sorted(n for n, d in deps.items() if not d)
+    # A heap: ties broken by name in O(log N), not by re-sorting a list.
+    ready = [n for n, d in deps.items() if not d]
+    heapq.heapify(ready)
     dependants: dict[str, list[str]] = {n: [] for n in deps}
     for n, d in deps.items():
         for m in d:
             dependants[m].append(n)
     pending = {n: len(d) for n, d in deps.items()}
     while ready:
-        n = ready.pop(0)
+        n = heapq.heappop(ready)
         result.append(n)
         done.add(n)
-        newly = [m for m in dependants[n] if _release(pending, m)]
-        if newly:
-            ready = sorted([*ready, *newly])
+        for m in dependants[n]:
+            if _release(pending, m):
+                heapq.heappush(ready, m)
     if len(result) != len(deps):
         raise OrderingError(f"{what} order has a cycle: {' -> '.join(find_cycle(deps))}")
     return result

@@ -53,13 +53,13 @@ def preserve_again(daemon: Daemon, handoff: LuoHandoff) -> None:
     """A khod restarted between commit and kexec preserves the same payload again.
 
     Its predecessor's session closed with it, and the kernel unpreserved the
-    image; the fragments are still in the store and assemble to the same bytes.
+    image; the fragments (loaded from the store) assemble to the same bytes.
     """
     h = daemon.out.handover
     if h.state is not HandoverState.COMMITTED or daemon.store.get_meta("boot_id") != boot_id():
         return
     try:
-        image, _ = assembly.build(daemon.out, daemon.store, base=daemon.settings.payload_base)
+        image, _ = assembly.build(daemon.out, daemon.fragments, base=daemon.settings.payload_base)
         handoff.preserve(image)
     except KhodError as exc:
         log.error("handover %s is committed, but cannot be preserved again: %s", h.id, exc)

@@ -26,6 +26,7 @@ from rich.text import Text
 from khod.errors import ProtocolError
 from khod.protocol import (
     DaemonStatus,
+    HandoverSignal,
     HandoverStatus,
     ParticipantStatus,
     Topics,
@@ -93,12 +94,19 @@ class MonitorState:
             d = parse(DaemonStatus, payload) if payload else None
             if d is not None or not payload:
                 self.daemon = d
-        elif topic == self.topics.handover:
+        elif topic == self.topics.progress:
             h = parse(HandoverStatus, payload) if payload else None
-            if h is not None and h.state in RUNNING:
-                self._running_ids.add(h.id)
-            if h is not None or not payload:
-                self.handover = h
+            cur = self.handover
+            if h is not None and (cur is None or h.epoch != cur.epoch or h.seq >= cur.seq):
+                self._take(h)
+        elif topic == self.topics.handover:
+            # The O(1) broadcast comes first; the details follow on progress.
+            sig = parse(HandoverSignal, payload) if payload else None
+            cur = self.handover
+            if sig is not None and (cur is None or sig.epoch != cur.epoch or sig.seq > cur.seq):
+                same = cur is not None and cur.id == sig.id and cur.side == sig.side
+                base = cur.model_dump() if same and cur is not None else {}
+                self._take(HandoverStatus.model_validate({**base, **sig.model_dump()}))
         elif topic.startswith(self._prefix) and topic.endswith("/state"):
             name = topic[len(self._prefix) : -len("/state")]
             if not payload:  # the daemon's way of saying a participant is gone
@@ -107,6 +115,11 @@ class MonitorState:
             p = parse(ParticipantStatus, payload)
             if p is not None and p.name == name:
                 self.participants[name] = p
+
+    def _take(self, h: HandoverStatus) -> None:
+        if h.state in RUNNING:
+            self._running_ids.add(h.id)
+        self.handover = h
 
     def forget(self) -> None:
         """Drop the snapshot before a reconnect re-delivers it.
@@ -340,7 +353,11 @@ def participants_table(
         # Text, not str: a str cell is rich markup, and an instance may hold "[".
         cells = [
             Text(p.name),
-            Text(p.state, STATE_STYLE.get(p.state, "")),
+            Text.assemble(
+                (p.state, STATE_STYLE.get(p.state, "")),
+                # Restoring, and registered already for the next handover.
+                (f" (next: {p.registration.state})" if p.registration else "", "dim"),
+            ),
             Text(p.compatible),
             Text(str(p.instance)),
             Text("-" if p.fragment_size is None else f"{p.fragment_size} B"),

@@ -6,7 +6,9 @@ except ``monitor``, which only reads the retained topics. The parsing of the
 command line is ``khod.cli``'s; what ``monitor`` shows is ``khod.monitor``'s.
 
 Exit status, for scripts: 0 done, 1 the daemon refused (its error code and
-message on stderr) or a monitored handover aborted, 2 bad configuration or
+message on stderr), the broker refused (``not authorized``: a wrong user or
+password, or the ACL refused a publish or subscription; said at once, not
+after ``--timeout``) or a monitored handover aborted, 2 bad configuration or
 arguments, 3 no answer (no broker, or no daemon serving the host) within
 ``--timeout``, 130 interrupted.
 """
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -28,7 +31,14 @@ from rich.console import Console
 from rich.live import Live
 
 from khod.config import Settings, load_settings
-from khod.errors import ConfigError, ProtocolError, RemoteError, RequestTimeout
+from khod.errors import (
+    BrokerRefused,
+    ConfigError,
+    NotAuthorized,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+)
 from khod.monitor import (
     MonitorState,
     fmt_seconds,
@@ -71,8 +81,17 @@ class Failed(Exception):
 
 
 def main(args: argparse.Namespace) -> int:
+    # The connection's log lines (a refusal, a reconnect) would repeat on
+    # stderr what this command says itself, once, with its exit status.
+    logging.getLogger("khod").addHandler(logging.NullHandler())
     try:
-        settings = load_settings(args.config, broker=args.broker, host_id=args.host_id)
+        settings = load_settings(
+            args.config,
+            broker=args.broker,
+            host_id=args.host_id,
+            broker_username=args.broker_username,
+            broker_password_file=args.broker_password_file,
+        )
         if args.timeout <= 0:
             raise ConfigError(f"--timeout must be positive, not {args.timeout:g}")
         body = _request_body(args)
@@ -157,6 +176,8 @@ async def request(settings: Settings, op: ControlOp, body: Request, timeout: flo
         )
     except RequestTimeout:
         raise Failed(EXIT_NO_ANSWER, _no_answer(settings, conn, timeout, daemon)) from None
+    except BrokerRefused as exc:
+        raise Failed(EXIT_REFUSED, _refused(exc)) from None
     finally:
         bus.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -168,6 +189,15 @@ async def request(settings: Settings, op: ControlOp, body: Request, timeout: flo
     except ProtocolError as exc:
         raise Failed(EXIT_REFUSED, f"malformed reply from the daemon: {exc}") from None
     return Reply(op=op, ok=True, data=data)
+
+
+def _refused(exc: BrokerRefused) -> str:
+    if isinstance(exc, NotAuthorized):
+        return (
+            f"{exc}; check --broker-username and --broker-password-file (operator tools "
+            "log in as a user the broker lets write ctl/req, `operator` in the shipped setup)"
+        )
+    return str(exc)
 
 
 def _no_answer(
@@ -264,7 +294,7 @@ async def monitor(args: argparse.Namespace, settings: Settings) -> int:
     conn = Connection(
         settings.broker_url,
         identifier=client_id("khod-mon"),
-        subscriptions=[topics.daemon, topics.handover, topics.participant_states],
+        subscriptions=[topics.daemon, topics.handover, topics.progress, topics.participant_states],
         on_message=on_message,
         on_connect=on_connect,
     )
@@ -290,6 +320,10 @@ async def _once(
         raise Failed(
             EXIT_NO_ANSWER, f"cannot reach the broker at {conn.url} within {timeout:g}s"
         ) from None
+    except BrokerRefused as exc:
+        raise Failed(EXIT_REFUSED, _refused(exc)) from None
+    if conn.refusal is not None:
+        raise Failed(EXIT_REFUSED, _refused(conn.refusal))
     loop = asyncio.get_running_loop()
     end = loop.time() + ONCE_MAX
     while (left := end - loop.time()) > 0:
@@ -309,6 +343,8 @@ def _exit_status(done: str | None) -> int | None:
 
 async def _tick(conn: Connection, state: MonitorState, changed: asyncio.Event) -> bool:
     """Until something changes (True), or REFRESH passes: the clocks on screen run."""
+    if conn.refusal is not None:
+        raise Failed(EXIT_REFUSED, _refused(conn.refusal))
     changed.clear()
     try:
         await asyncio.wait_for(changed.wait(), REFRESH)

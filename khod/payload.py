@@ -128,6 +128,56 @@ def assemble(
     Deterministic: the same input gives the same bytes. PayloadError on a bad
     or duplicate name, handover id or link value; ValueError on a bad layout.
     """
+    return layout(handover_id, entries, base=base, page_size=page_size).image
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An assembled image, with where its root ends and each fragment starts."""
+
+    image: bytes
+    root_size: int
+    offsets: tuple[int, ...]
+
+    def manifest(self, handover_id: str, entries: Sequence[PayloadEntry], *, base: int,
+                 page_size: int = DEFAULT_PAGE_SIZE) -> dict[str, Any]:  # fmt: skip
+        """The manifest written beside the image, from what assembly already knows.
+
+        No hash of the whole image (that would read every fragment inside the
+        blackout): ``root_sha256`` covers the root, which holds every
+        fragment's sha256, so it vouches for the whole image.
+        """
+        return {
+            "format": PAYLOAD_COMPATIBLE,
+            "handover_id": handover_id,
+            "base": base,
+            "page_size": page_size,
+            "size": len(self.image),
+            "root_size": self.root_size,
+            "root_sha256": hashlib.sha256(self.image[: self.root_size]).hexdigest(),
+            "participants": [
+                {
+                    "name": e.name,
+                    "compatible": e.compatible,
+                    "instance": e.instance,
+                    "offset": off,
+                    "size": len(e.blob),
+                    "sha256": e.sha256.hex(),
+                    "restore_after": list(e.restore_after),
+                }
+                for e, off in zip(entries, self.offsets, strict=True)
+            ],
+        }
+
+
+def layout(
+    handover_id: str,
+    entries: Sequence[PayloadEntry],
+    *,
+    base: int = 0,
+    page_size: int = DEFAULT_PAGE_SIZE,
+) -> Layout:
+    """Like :func:`assemble`, and say where everything lies."""
     _check_layout(base, page_size)
     hid = handover_id.encode("ascii", "replace") + b"\0"
     if _printable(hid, _HANDOVER_ID_MAX) != handover_id:
@@ -178,6 +228,7 @@ def assemble(
 
     parts: list[bytes | bytearray] = [root]
     end = len(root)
+    offsets = []
     for entry, slot in zip(entries, slots, strict=True):
         offset = _align(end, page_size)
         if base + offset + len(entry.blob) > 1 << 64:
@@ -185,8 +236,9 @@ def assemble(
         root[w.struct_offset + slot : w.struct_offset + slot + 8] = fdt.native_u64(base + offset)
         parts.append(bytes(offset - end))
         parts.append(entry.blob)
+        offsets.append(offset)
         end = offset + len(entry.blob)
-    return b"".join(parts)
+    return Layout(b"".join(parts), len(root), tuple(offsets))
 
 
 @dataclass(frozen=True)
@@ -318,7 +370,10 @@ class PayloadImage:
             except FragmentError as e:
                 raise PayloadError(f"{at}: {e}") from None
             end, previous = ref.offset + ref.size, f"participant {ref.name!r}"
-        _check_zero(data, end, len(data))
+        if len(data) != end:
+            raise PayloadError(
+                f"{len(data) - end} bytes after {previous}, which ends the image at 0x{end:x}"
+            )
         return cls(handover_id, base, tuple(refs), data, root_size, page_size)
 
     @classmethod

@@ -7,7 +7,8 @@ the only place that knows the shape of anything on the bus. It has no I/O.
 Topic tree (``<host>`` is the host id, a single topic level)::
 
     khod/v1/<host>/daemon              retained  DaemonStatus (its will: offline)
-    khod/v1/<host>/handover            retained  HandoverStatus (the freeze/cancel broadcast)
+    khod/v1/<host>/handover            retained  HandoverSignal (the O(1) freeze/cancel broadcast)
+    khod/v1/<host>/progress            retained  HandoverStatus (details for monitors, rate-bounded)
     khod/v1/<host>/p/<name>/state      retained  ParticipantStatus
     khod/v1/<host>/p/<name>/req/<op>   participant -> daemon (ParticipantOp)
     khod/v1/<host>/p/<name>/reply      daemon -> participant
@@ -18,6 +19,14 @@ Requests use MQTT v5 request/response: the request carries a Response Topic
 and Correlation Data, the reply goes to that topic with the same
 correlation data, exactly once. Replaying a request (same correlation data)
 returns the same reply without acting again.
+
+Signals cost O(1) bytes per participant: the ``handover`` broadcast carries
+no per-participant list, and a participant that must wait for others
+(``freeze_after``/``restore_after``) learns that it may go on from its own
+``state`` topic. Every status carries ``seq``, a number the daemon persists
+and increases with every change: a reader ignores a status whose ``seq`` is
+not greater than the last one it saw on that topic (a persistent broker can
+replay an old retained message).
 
 Payloads are JSON (content type ``application/json``), except fragments,
 which travel as raw FDT bytes (content type ``application/x-dtb``) in the
@@ -34,12 +43,18 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 from khod.errors import ProtocolError, RemoteError
 
-PROTOCOL_VERSION = 1
+#: The version of the message bodies (the ``v1`` in the topic root is the
+#: layout of the topic tree). Version 2 made the handover broadcast O(1).
+PROTOCOL_VERSION = 2
 ROOT = "khod/v1"
 JSON = "application/json"
 DTB = "application/x-dtb"
 #: JSON bodies are small; anything bigger is hostile or a bug.
 MAX_JSON_BODY = 64 * 1024
+#: The daemon remembers the correlation data of every request it answers (its
+#: reply cache): a request with more than this is refused, not remembered.
+#: Generous for a UUID (16 bytes raw, 36 as text) or any printable id.
+MAX_CORRELATION_DATA = 128
 
 
 class ParticipantOp(StrEnum):
@@ -72,6 +87,7 @@ class Topics:
         self.prefix = f"{ROOT}/{host}"
         self.daemon = f"{self.prefix}/daemon"
         self.handover = f"{self.prefix}/handover"
+        self.progress = f"{self.prefix}/progress"
         self.participant_states = f"{self.prefix}/p/+/state"
         self.all_participant_requests = f"{self.prefix}/p/+/req/+"
         self.all_control_requests = f"{self.prefix}/ctl/req/+"
@@ -122,12 +138,18 @@ class Status(BaseModel):
 
 
 class Request(Model):
+    # Strict: JSON types are never coerced. "yes" is not a boolean, true is not
+    # a number, "1" is not an integer; on a host about to kexec a wrong type is
+    # a client bug to refuse, not to guess at. One widening is allowed, as in
+    # JSON itself: an integer where a number (float) is expected (deadline 60).
+    model_config = ConfigDict(strict=True)
+
     protocol: int = PROTOCOL_VERSION
 
 
 class RegisterRequest(Request):
     compatible: str = Field(max_length=128)
-    # Strict: JSON true must not become instance 1, nor "7" become 7.
+    # JSON true must not become instance 1, nor "7" become 7.
     instance: StrictInt | StrictStr
     freeze_after: list[str] = Field(default_factory=list, max_length=256)
     restore_after: list[str] = Field(default_factory=list, max_length=256)
@@ -142,7 +164,7 @@ class EmptyRequest(Request):
 
 
 class BeginRequest(Request):
-    deadline: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    deadline: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, allow_inf_nan=False)
     expect: list[str] | None = Field(default=None, max_length=4096)
     auto_freeze: bool = True
 
@@ -189,15 +211,44 @@ class DaemonStatus(Status):
     since: float | None = None
 
 
-class HandoverStatus(Status):
-    """The handover (outgoing) or restore (incoming) state of the host.
+class HandoverSignal(Status):
+    """The host's handover broadcast: O(1) bytes, whatever the number of participants.
 
-    Participants watch this one topic: ``may_freeze`` lists who may freeze
-    now, ``may_retrieve`` who may retrieve now; a state of ``aborting`` or
-    ``idle`` with the id they took part in means cancel.
+    Every participant watches it: ``freezing`` with the id of the handover it
+    takes part in means "freeze now" (unless it waits for others, see
+    ``ParticipantStatus.may_freeze``), ``idle`` with that id means cancel,
+    ``restoring`` on the incoming side means "retrieve now" (unless it
+    restores after others). Published only when the state changes.
     """
 
     protocol: int = PROTOCOL_VERSION
+    seq: int = 0
+    epoch: str = ""
+    side: Literal["outgoing", "incoming"]
+    id: str | None
+    state: str
+    deadline: float | None = None
+    abort_reason: str | None = None
+    began_at: float | None = None
+    freeze_at: float | None = None
+    committed_at: float | None = None
+    released_at: float | None = None
+    payload: dict[str, Any] | None = None
+    updated_at: float
+
+
+class HandoverStatus(Status):
+    """The handover (outgoing) or restore (incoming) state of the host, in detail.
+
+    For monitors and operators (the ``progress`` topic, at most a few times a
+    second, and the ``status`` reply): who is expected, missing, may freeze or
+    retrieve now. Its size grows with the number of participants, so it is
+    never on a participant's critical path.
+    """
+
+    protocol: int = PROTOCOL_VERSION
+    seq: int = 0
+    epoch: str = ""
     side: Literal["outgoing", "incoming"]
     id: str | None
     state: str
@@ -218,8 +269,30 @@ class HandoverStatus(Status):
     updated_at: float
 
 
+class Registration(Status):
+    """A participant's registration for the next handover, made while its host restores."""
+
+    state: str
+    compatible: str
+    instance: int | str
+    freeze_after: list[str] = Field(default_factory=list)
+    restore_after: list[str] = Field(default_factory=list)
+    error: str | None = None
+    updated_at: float
+
+
 class ParticipantStatus(Status):
+    """One participant's retained state (or, after a kexec, its fragment's restore state).
+
+    ``may_freeze`` / ``may_retrieve`` are set (true or false) only for a
+    participant that named ``freeze_after`` / ``restore_after``: it goes on
+    when its own state says true for the handover it takes part in. For the
+    others they are null, and the ``handover`` broadcast alone is the signal.
+    """
+
     protocol: int = PROTOCOL_VERSION
+    seq: int = 0
+    epoch: str = ""
     name: str
     state: str
     compatible: str
@@ -230,7 +303,31 @@ class ParticipantStatus(Status):
     fragment_size: int | None = None
     fragment_sha256: str | None = None
     error: str | None = None
+    may_freeze: bool | None = None
+    may_retrieve: bool | None = None
     updated_at: float
+    #: Incoming side only: the state above is the restore's, and this is the
+    #: registration for the next handover, once the participant has made one.
+    registration: Registration | None = None
+
+
+def check_correlation(correlation: bytes | None) -> None:
+    """ProtocolError if the correlation data is longer than MAX_CORRELATION_DATA."""
+    if correlation is not None and len(correlation) > MAX_CORRELATION_DATA:
+        raise ProtocolError(
+            f"correlation data of {len(correlation)} bytes exceeds {MAX_CORRELATION_DATA}"
+        )
+
+
+def newer(
+    status: HandoverSignal | HandoverStatus | ParticipantStatus, last: tuple[str, int] | None
+) -> bool:
+    """Whether ``status`` is newer than the last one seen on its topic, ``(epoch, seq)``.
+
+    A status of another epoch (a daemon started on a new state directory)
+    counts as newer: its numbers start again.
+    """
+    return last is None or status.epoch != last[0] or status.seq > last[1]
 
 
 def decode(model: type[Request], body: bytes) -> Request:

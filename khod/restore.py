@@ -41,6 +41,7 @@ class Claim:
     restore_after: tuple[str, ...] = ()
     state: RestoreState = R.AVAILABLE
     updated_at: float = 0.0
+    seq: int = 0  # the status sequence number it was last published with
 
     def to_record(self) -> dict[str, Any]:
         r = dict(self.__dict__)
@@ -66,6 +67,10 @@ class Incoming:
     released_at: float | None = None
     unclaimed: tuple[str, ...] = ()
     restore_order: tuple[str, ...] = field(default=())
+    seq: int = 0  # the status sequence number it was last published with
+    #: how many claims are finished, and who restores after whom: O(1) requests
+    _finished: int = field(default=-1, repr=False, compare=False)
+    _dependents: dict[str, list[str]] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def start(
@@ -99,6 +104,31 @@ class Incoming:
             if self.claims[n].state is R.AVAILABLE and not self.waiting_for(n)
         ]
 
+    def may_retrieve(self, name: str) -> bool | None:
+        """Whether one that named ``restore_after`` may retrieve now; None if it named none."""
+        c = self.claims[name]
+        if not c.restore_after:
+            return None
+        return (
+            self.state is HostRestoreState.RESTORING
+            and c.state is R.AVAILABLE
+            and not self.waiting_for(name)
+        )
+
+    def finished_count(self) -> int:
+        if self._finished < 0:
+            self._finished = sum(c.state is R.FINISHED for c in self.claims.values())
+        return self._finished
+
+    def dependents(self, name: str) -> list[str]:
+        if self._dependents is None:
+            self._dependents = {}
+            for n, c in self.claims.items():
+                for d in c.restore_after:
+                    if d in self.claims:
+                        self._dependents.setdefault(d, []).append(n)
+        return self._dependents.get(name, [])
+
     def not_finished(self) -> list[str]:
         return [n for n in self.restore_order if self.claims[n].state is not R.FINISHED]
 
@@ -112,7 +142,7 @@ class Incoming:
 
     def retrieve(self, name: str, *, now: float) -> Changes:
         claim = self.claim(name)
-        self._check_open(name, "retrieve its fragment")
+        self.check_open(name, "retrieve its fragment")
         waiting = self.waiting_for(name)
         if waiting:
             raise OrderingError(
@@ -124,10 +154,14 @@ class Incoming:
 
     def finish(self, name: str, *, now: float) -> Changes:
         claim = self.claim(name)
-        self._check_open(name, "finish")
+        self.check_open(name, "finish")
         changes = Changes()
+        finished = self.finished_count()
         self._step(changes, claim, RestoreEvent.FINISH, now)
-        if not self.not_finished():
+        self._finished = finished + 1
+        # Those that restore after it may now retrieve: their own state says so.
+        changes.participants.update(self.dependents(name))
+        if self._finished == len(self.claims):
             self._release(changes, now, "every participant finished")
         return changes
 
@@ -152,6 +186,7 @@ class Incoming:
             "released_at": self.released_at,
             "unclaimed": list(self.unclaimed),
             "restore_order": list(self.restore_order),
+            "seq": self.seq,
         }
 
     @classmethod
@@ -166,6 +201,7 @@ class Incoming:
             released_at=r["released_at"],
             unclaimed=tuple(r["unclaimed"]),
             restore_order=tuple(r["restore_order"]),
+            seq=int(r.get("seq", 0)),
         )
 
     # -- internals -----------------------------------------------------------
@@ -179,7 +215,7 @@ class Incoming:
                 f"no fragment for {name!r} in the incoming payload {self.handover_id}"
             ) from None
 
-    def _check_open(self, name: str, what: str) -> None:
+    def check_open(self, name: str, what: str) -> None:
         if self.state is HostRestoreState.RELEASED:
             raise Busy(f"{name!r} cannot {what}: the incoming payload was released")
 

@@ -23,6 +23,7 @@ from typing import IO
 import aiomqtt
 
 from khod import __version__, backend, luo_service, sdnotify
+from khod.atomicfile import remove_stale_temps
 from khod.config import Settings, load_settings
 from khod.daemon import Daemon
 from khod.errors import ConfigError, KhodError
@@ -35,6 +36,12 @@ log = logging.getLogger("khod")
 
 TICK = 0.25
 SESSION_EXPIRY = 3600
+#: Received requests waiting for the daemon, in bytes: under a flood the rest
+#: is dropped (and re-sent by its sender) instead of growing the daemon's
+#: memory. Far more than the largest request (a 1 MiB fragment), and enough
+#: for a burst of ~3,800 small requests (~8.5 KiB each as accounted, mostly
+#: paho's objects), e.g. every participant of a large host freezing at once.
+MAX_INBOUND_BYTES = 32 * 1024 * 1024
 
 
 def setup_logging() -> None:
@@ -60,6 +67,12 @@ def lock_state_dir(state_dir: Path) -> IO[bytes]:
 
 async def serve(settings: Settings, *, restore: Path | None = None) -> int:
     lock = lock_state_dir(settings.state_dir)
+    # A daemon killed while writing the payload or its manifest leaves its
+    # temporary file behind; nobody else writes them, and we hold the lock.
+    for path in remove_stale_temps(
+        [settings.payload_path, backend.manifest_path(settings.payload_path)]
+    ):
+        log.info("removed %s, left by an interrupted write", path)
     try:
         handoff = luo_service.open_luo(settings)
     except BaseException:
@@ -82,8 +95,9 @@ async def _serve(
 ) -> int:
     topics = Topics(settings.host_id)
     offline = encode(DaemonStatus(version=__version__, state="offline"))
+    url = settings.broker_url
     conn = Connection(
-        settings.broker_url,
+        url,
         identifier=f"khod-{settings.host_id}",
         subscriptions=[
             topics.all_participant_requests,
@@ -91,6 +105,9 @@ async def _serve(
             topics.participant_states,
         ],
         no_local=True,
+        # A retained request must be recognisable as such to be ignored.
+        retain_as_published=True,
+        max_inbound_bytes=MAX_INBOUND_BYTES,
         # Requests and wills sent while the daemon restarts wait for it.
         session_expiry=SESSION_EXPIRY,
         will=aiomqtt.Will(
@@ -105,7 +122,6 @@ async def _serve(
         settings,
         store,
         conn,
-        backlog=conn.backlog,
         # Changes whenever the connection drops or comes back.
         epoch=lambda: conn.connects if conn.connected else -1,
     )
@@ -122,23 +138,24 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    await daemon.resume()
     async with asyncio.TaskGroup() as tg:
         tasks = [
+            tg.create_task(daemon.run(), name="worker"),
             tg.create_task(conn.run(), name="bus"),
             tg.create_task(_deadlines(daemon), name="deadlines"),
         ]
         if handoff is not None:
             finish = luo_service.finish_when_released(daemon, handoff)
             tasks.append(tg.create_task(finish, name="luo"))
+        await daemon.resume()
         with contextlib.suppress(KhodError):
             await conn.wait_connected(30)
-        sdnotify.notify("READY=1", f"STATUS=khod {__version__} on {settings.broker_url}")
+        sdnotify.notify("READY=1", f"STATUS=khod {__version__} on {url}")
         log.info(
             "khod %s running: host %s, broker %s, state %s",
             __version__,
             settings.host_id,
-            settings.broker_url,
+            url,
             settings.state_dir,
         )
         await stop.wait()
@@ -152,10 +169,12 @@ async def _serve(
 
 
 async def _deadlines(daemon: Daemon) -> None:
-    """Deadlines, systemd STATUS, and the watchdog.
+    """Deadlines, the progress topic, systemd STATUS, and the watchdog.
 
-    The watchdog is fed from here, after a tick that took the daemon's lock:
-    a daemon wedged inside a request stops feeding it and systemd restarts it.
+    The watchdog is fed from here, after a tick that went through the
+    daemon's worker: a daemon wedged inside a request stops feeding it and
+    systemd restarts it. A commit runs beside the worker (an exec command
+    may take minutes), so a healthy commit never starves the watchdog.
     """
     last = ""
     watchdog = sdnotify.watchdog_interval() is not None
@@ -163,7 +182,7 @@ async def _deadlines(daemon: Daemon) -> None:
         await daemon.tick()
         if watchdog:
             sdnotify.notify("WATCHDOG=1")
-        status = daemon.handover_status()
+        status = daemon.handover_signal()
         line = f"STATUS=handover {status.id or '-'}: {status.state}"
         if line != last:
             sdnotify.notify(line)

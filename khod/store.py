@@ -45,7 +45,7 @@ from khod.errors import StoreError
 __all__ = ["DB_NAME", "SCHEMA_VERSION", "Store", "Transition"]
 
 DB_NAME = "khod.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
@@ -76,6 +76,17 @@ CREATE TABLE fragment (
 CREATE TABLE meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+"""
+
+# Version 2: the replies already sent, so that a request re-sent under the
+# same correlation data gets the same answer after a restart.
+_SCHEMA_2 = """
+CREATE TABLE reply (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    key BLOB NOT NULL UNIQUE,
+    body BLOB NOT NULL,
+    content_type TEXT NOT NULL
 );
 """
 
@@ -318,6 +329,27 @@ class Store:
         rows = self._query("list fragments", "SELECT name FROM fragment ORDER BY name")
         return [name for (name,) in rows]
 
+    # -- replies already sent ---------------------------------------------------
+
+    def put_reply(self, key: bytes, body: bytes, content_type: str, *, keep: int) -> None:
+        """Remember the reply under ``key``, keeping only the last ``keep`` replies."""
+        self._mutate(
+            "save a reply",
+            "INSERT INTO reply (key, body, content_type) VALUES (?, ?, ?)"
+            " ON CONFLICT (key) DO NOTHING",
+            (key, body, content_type),
+        )
+        self._mutate(
+            "forget old replies",
+            "DELETE FROM reply WHERE n <= (SELECT max(n) FROM reply) - ?",
+            (keep,),
+        )
+
+    def load_replies(self) -> list[tuple[bytes, bytes, str]]:
+        """``(key, body, content type)`` of every reply kept, oldest first."""
+        rows = self._query("load replies", "SELECT key, body, content_type FROM reply ORDER BY n")
+        return [(bytes(k), bytes(b), str(c)) for k, b, c in rows]
+
     # -- small metadata -------------------------------------------------------
 
     def set_meta(self, key: str, value: str) -> None:
@@ -365,9 +397,10 @@ class Store:
                     if tables:
                         raise StoreError(f"{self._db_path} is a SQLite database but not khod's")
                     # Not executescript(): it would COMMIT the open transaction first.
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
+                    _execute_all(conn, _SCHEMA + _SCHEMA_2)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                elif version == 1:
+                    _execute_all(conn, _SCHEMA_2)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 elif version != SCHEMA_VERSION:
                     raise StoreError(
@@ -419,6 +452,12 @@ class Store:
             f"load the {kind} record", "SELECT body FROM singleton WHERE kind = ?", (kind,)
         )
         return _decode(rows[0][0], f"{kind} record") if rows else None
+
+
+def _execute_all(conn: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 def _encode(record: Mapping[str, Any], what: str) -> str:

@@ -49,9 +49,16 @@ class RawClient:
             await self._task
 
     async def raw(
-        self, topic: str, body: bytes, content_type: str = JSON, timeout: float = 15
+        self,
+        topic: str,
+        body: bytes,
+        content_type: str = JSON,
+        timeout: float = 15,
+        correlation: bytes | None = None,
     ) -> tuple[bytes, str | None]:
-        m = await self.conn.request(topic, body, content_type=content_type, timeout=timeout)
+        m = await self.conn.request(
+            topic, body, content_type=content_type, timeout=timeout, correlation=correlation
+        )
         ctype, _, _ = message_props(m)
         return bytes(m.payload), ctype
 

@@ -21,8 +21,18 @@ ROOT = Path(__file__).resolve().parent.parent
 class DaemonProc:
     """``khod run`` in a child process, with its own state directory."""
 
-    def __init__(self, broker: PrivateBroker, host_id: str, state_dir: Path, **env: str) -> None:
+    def __init__(
+        self,
+        broker: PrivateBroker,
+        host_id: str,
+        state_dir: Path,
+        *,
+        reader: str | None = None,
+        **env: str,
+    ) -> None:
+        """``reader``: the broker URL (with credentials) to watch the daemon's status with."""
         self.broker = broker
+        self.reader = reader
         self.host_id = host_id
         self.state_dir = state_dir
         self.log_path = state_dir.parent / f"{state_dir.name}.log"
@@ -66,7 +76,7 @@ class DaemonProc:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"khod exited with {self.proc.returncode}:\n{self.log()}")
-            body = read_retained(self.broker.url, topic)
+            body = read_retained(self.reader or self.broker.url, topic)
             if body and json.loads(body).get("state") == "online":
                 return
             time.sleep(0.05)
@@ -98,13 +108,19 @@ def read_retained(url: str, topic: str, timeout: float = 2.0) -> bytes | None:
     """The retained message of ``topic``, via a throwaway plain aiomqtt client."""
     import aiomqtt
 
-    from khod.transport import BrokerURL
+    from khod.transport import BrokerURL, client_id
 
     async def _read() -> bytes | None:
         u = BrokerURL.parse(url)
         try:
             async with aiomqtt.Client(
-                u.host, u.port, transport=u.transport, protocol=aiomqtt.ProtocolVersion.V5
+                u.host,
+                u.port,
+                transport=u.transport,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                username=u.username,
+                password=u.password,
+                identifier=client_id("khod-read"),
             ) as c:
                 await c.subscribe(topic, qos=1)
                 async with asyncio.timeout(timeout):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import weakref
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from khod.daemon import Daemon
 
 
 class Recorder:
@@ -14,3 +19,18 @@ class Recorder:
     async def publish(self, topic: str, payload: bytes, **kw: Any) -> bool:
         self.sent.append((topic, payload, kw))
         return True
+
+
+_workers: weakref.WeakKeyDictionary[Daemon, asyncio.Task[None]] = weakref.WeakKeyDictionary()
+
+
+async def settle(daemon: Daemon) -> None:
+    """Run the daemon's worker (once per daemon and event loop) until nothing is left to do.
+
+    ``khod run`` runs the worker in its TaskGroup; an in-process test calls
+    this after ``handle()`` to see the replies and publishes it caused.
+    """
+    task = _workers.get(daemon)
+    if task is None or task.done():
+        _workers[daemon] = asyncio.create_task(daemon.run(), name="test-worker")
+    await daemon.settled()

@@ -179,6 +179,9 @@ async def run(args: argparse.Namespace) -> int:
         broker=args.broker,
         host_id=args.host_id,
         request_timeout=args.timeout,
+        username=args.broker_username,
+        password_file=args.broker_password_file,
+        keepalive=args.keepalive,
     ) as p:
         if args.restore:
             return await restore(p)
@@ -194,6 +197,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="broker URL, mqtt://host:port or unix:///path (default: $KHOD_BROKER or local)",
     )
     ap.add_argument(
+        "--broker-username",
+        default=os.environ.get("KHOD_BROKER_USERNAME"),
+        help="broker user (default: $KHOD_BROKER_USERNAME; the shipped ACL wants the name)",
+    )
+    ap.add_argument(
+        "--broker-password-file",
+        default=os.environ.get("KHOD_BROKER_PASSWORD_FILE"),
+        help="file holding the broker password (default: $KHOD_BROKER_PASSWORD_FILE)",
+    )
+    ap.add_argument(
         "--host-id",
         default=os.environ.get("KHOD_HOST_ID") or default_host_id(),
         help="host id in the topic tree (default: $KHOD_HOST_ID or the hostname)",
@@ -201,6 +214,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--instance", type=int, default=0, help="VM instance number")
     ap.add_argument("--restore", action="store_true", help="after a kexec: retrieve and finish")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    ap.add_argument(
+        "--keepalive",
+        type=int,
+        default=10,
+        help="MQTT keepalive, seconds: a hung VMM is declared gone after 1.5 times this",
+    )
     return ap.parse_args(argv)
 
 

@@ -24,7 +24,15 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from khod.errors import KhodError, PayloadError, ProtocolError, RemoteError, RequestTimeout
+from khod.errors import (
+    BrokerRefused,
+    KhodError,
+    NotAuthorized,
+    PayloadError,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+)
 from khod.fdt import FragmentBuilder, start_storage
 from khod.names import default_host_id
 from khod.protocol import HandoverStatus, ParticipantStatus
@@ -37,11 +45,13 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "BrokerRefused",
     "FragmentBuilder",
     "FragmentReceipt",
     "HandoverCancelled",
     "HandoverStatus",
     "KhodError",
+    "NotAuthorized",
     "Participant",
     "ParticipantStatus",
     "PayloadError",

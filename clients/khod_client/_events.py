@@ -1,24 +1,24 @@
 """What the daemon says, and what it means for one participant. No I/O.
 
-The daemon broadcasts freeze and cancel through one retained topic, the
-host's ``handover`` status; the SDK turns the sequence of statuses it sees
-into events for one participant. :class:`Tracker` holds the rules:
+The daemon's signals cost O(1) per participant: the host's ``handover``
+broadcast (a compact status without per-participant lists) and the
+participant's own retained ``state``. The SDK turns the statuses it sees
+into events for one participant; :class:`Tracker` holds the rules:
 
-* **began** — a running handover (``preparing``/``freezing``/...) lists the
-  participant in ``expected``, and it is not the handover already tracked:
-  the participant now takes part in that handover (its id is remembered);
-* **may freeze** — that handover is ``freezing`` and lists the participant in
-  ``may_freeze``: once per handover;
-* **cancelled** — the tracked handover shows ``aborting`` or ``idle`` (its
-  ``abort_reason`` is the reason), or it is replaced by a different id, or
-  it keeps running without the participant (left out by a forced freeze):
-  once per handover. ``committed`` ends it for good: nothing after that is a
-  cancel.
-
-Statuses copied from replies (the ``handover`` of a register or fragment
-reply) may be older than the retained one already seen; they are ignored
-when their ``updated_at`` is older. Retained messages arrive in order and
-are always applied.
+* **ordered** — every status carries ``(epoch, seq)``; one that is not newer
+  than the last one seen on its topic is ignored (a persistent broker can
+  replay an old retained message, and replies may be older than the topic);
+* **began** — the broadcast shows a running handover, and the participant's
+  own state names that handover (``handover_id``): it takes part in it;
+* **may freeze** — that handover is ``freezing``, the participant is
+  ``serialized``, and its own state does not say ``may_freeze: false``
+  (only a participant that named ``freeze_after`` waits for ``true``);
+  once per handover;
+* **cancelled** — the handover shows ``aborting`` or ``idle``, or it is
+  replaced by a different id, or the participant's own state no longer
+  names it (left out by a forced freeze): once per handover. ``committed``
+  ends it, except that an operator may withdraw a committed payload (the
+  kexec did not happen): a newer ``idle`` for that handover then means thaw.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from khod.errors import KhodError, ProtocolError
-from khod.protocol import RUNNING_STATES, HandoverStatus
+from khod.protocol import RUNNING_STATES, HandoverSignal, ParticipantStatus, newer
 
 #: Handover states in which a handover runs and its participants take part.
 RUNNING = RUNNING_STATES
@@ -41,6 +41,8 @@ BEGUN = frozenset({"preparing", "freezing"})
 ENDED = frozenset({"aborting", "idle"})
 #: States in which every participant of the handover has already frozen.
 PAST_FREEZE = frozenset({"frozen", "assembled", "committed"})
+#: A participant's own states while it takes part in a handover.
+TAKING_PART = frozenset({"preparing", "serialized", "frozen"})
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -105,19 +107,19 @@ class FragmentReceipt:
 class Began:
     """The participant takes part in the handover ``status.id``."""
 
-    status: HandoverStatus
+    status: HandoverSignal
 
 
 @dataclass(frozen=True)
 class MayFreeze:
     """The participant may freeze now (it has not reported frozen yet)."""
 
-    status: HandoverStatus
+    status: HandoverSignal
 
 
 @dataclass(frozen=True)
 class Cancelled:
-    """The handover the participant took part in is cancelled."""
+    """The handover the participant took part in is cancelled (or its payload withdrawn)."""
 
     handover_id: str
     reason: str
@@ -131,12 +133,14 @@ class Tracker:
     """One participant's view of the host's handover, fed with every status seen."""
 
     name: str
-    latest: HandoverStatus | None = None
+    latest: HandoverSignal | None = None
+    me: ParticipantStatus | None = None
     #: id of the last handover the participant took part in (or None)
     current: str | None = None
     cancelled: dict[str, str] = field(default_factory=dict)
     freeze_signalled: set[str] = field(default_factory=set)
     committed: set[str] = field(default_factory=set)
+    _seen: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def live(self) -> bool:
@@ -144,48 +148,68 @@ class Tracker:
         c = self.current
         return c is not None and c not in self.cancelled and c not in self.committed
 
-    def observe(self, status: HandoverStatus, *, from_reply: bool = False) -> list[Event]:
-        """Take ``status`` into account; the events it causes, in order."""
-        if from_reply and self.latest is not None and status.updated_at < self.latest.updated_at:
+    def observe(self, status: HandoverSignal) -> list[Event]:
+        """Take a handover broadcast into account; the events it causes, in order."""
+        if not newer(status, self._seen.get("handover")):
             return []
+        self._seen["handover"] = (status.epoch, status.seq)
         self.latest = status
-        if status.side != "outgoing":
+        return self._evaluate()
+
+    def observe_state(self, status: ParticipantStatus) -> list[Event]:
+        """Take the participant's own state into account; the events it causes."""
+        if status.name != self.name or not newer(status, self._seen.get("state")):
+            return []
+        self._seen["state"] = (status.epoch, status.seq)
+        self.me = status
+        return self._evaluate()
+
+    def _evaluate(self) -> list[Event]:
+        s, me = self.latest, self.me
+        if s is None or s.side != "outgoing":
             return []
         events: list[Event] = []
-        sid = status.id
-        includes_me = status.state in RUNNING and sid is not None and self.name in status.expected
-        if self.live:
-            assert self.current is not None
-            cur = self.current
+        sid = s.id
+        takes_part = (
+            sid is not None
+            and me is not None
+            and me.handover_id == sid
+            and me.state in TAKING_PART
+            and s.state in RUNNING
+        )
+        cur = self.current
+        if cur is not None and cur in self.committed and sid == cur and s.state in ENDED:
+            # Committed, then withdrawn by the operator: the kexec will not happen.
+            self.committed.discard(cur)
+            events.append(self._cancel(cur, s.abort_reason or f"payload {cur} withdrawn"))
+        elif self.live:
+            assert cur is not None
             if sid != cur:
-                reason = (
-                    f"handover {cur} was replaced by handover {sid}"
-                    if sid
-                    else f"handover {cur} is gone"
-                )
-                events.append(self._cancel(cur, reason))
-            elif status.state in ENDED:
-                events.append(self._cancel(cur, status.abort_reason or f"handover {cur} aborted"))
-            elif status.state == "committed":
+                gone = f"handover {cur} was replaced by handover {sid}" if sid else None
+                events.append(self._cancel(cur, gone or f"handover {cur} is gone"))
+            elif s.state in ENDED:
+                events.append(self._cancel(cur, s.abort_reason or f"handover {cur} aborted"))
+            elif s.state == "committed":
                 self.committed.add(cur)
-            elif not includes_me:
-                how = " by a forced freeze" if self.name in status.left_out else ""
-                events.append(self._cancel(cur, f"left out of handover {cur}{how}"))
-        if includes_me and sid != self.current and sid not in self.cancelled:
+            elif me is not None and me.handover_id != cur:
+                events.append(self._cancel(cur, f"left out of handover {cur} by a forced freeze"))
+        if takes_part and sid != self.current and sid not in self.cancelled:
             assert sid is not None
             self.current = sid
-            events.append(Began(status))
+            events.append(Began(s))
         if (
-            includes_me
+            takes_part
             and sid == self.current
             and self.live
-            and status.state == "freezing"
-            and self.name in status.may_freeze
+            and s.state == "freezing"
+            and me is not None
+            and me.state == "serialized"
+            and me.may_freeze is not False
             and sid not in self.freeze_signalled
         ):
             assert sid is not None
             self.freeze_signalled.add(sid)
-            events.append(MayFreeze(status))
+            events.append(MayFreeze(s))
         return events
 
     def _cancel(self, handover_id: str, reason: str) -> Cancelled:
@@ -194,7 +218,7 @@ class Tracker:
 
     # -- questions the waiting calls ask -------------------------------------
 
-    def begun(self) -> HandoverStatus | None:
+    def begun(self) -> HandoverSignal | None:
         """The running handover that includes the participant, if it is preparing or freezing."""
         s = self.latest
         if (

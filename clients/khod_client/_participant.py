@@ -23,8 +23,10 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -37,7 +39,7 @@ from khod.protocol import (
     JSON,
     EmptyRequest,
     FailRequest,
-    HandoverStatus,
+    HandoverSignal,
     ParticipantOp,
     ParticipantStatus,
     RegisterRequest,
@@ -48,7 +50,14 @@ from khod.protocol import (
     parse_status,
     reply_data,
 )
-from khod.transport import BrokerURL, Connection, message_props, payload_bytes, properties
+from khod.transport import (
+    BrokerURL,
+    Connection,
+    message_props,
+    payload_bytes,
+    properties,
+    read_password_file,
+)
 from khod_client._events import (
     Began,
     Cancelled,
@@ -60,6 +69,10 @@ from khod_client._events import (
 )
 
 log = logging.getLogger("khod_client")
+
+#: Seconds a participant waits, once a restore is announced, for its own
+#: claim to show before asking anyway (retained messages come at once).
+CLAIM_GRACE = 2.0
 
 T = TypeVar("T")
 OnFreeze = Callable[[], Awaitable[None] | None]
@@ -94,14 +107,32 @@ class Participant:
         call :meth:`frozen`. The SDK never reports frozen by itself.
       on_cancel: called with the reason once per handover this participant
         took part in that is cancelled (aborted, replaced, or left out).
+      username, password, password_file: the broker credentials (they
+        override those of the URL). With the shipped broker config the
+        username is the participant's name (its ACL confines it to its own
+        topics) and the broker uses it as the client id. Prefer
+        ``password_file`` (one line) to a password in the URL or code: it
+        stays out of ``ps`` and logs.
+      keepalive: seconds between MQTT keepalive pings. The broker fires the
+        will (the daemon fails this participant) when nothing arrives for
+        1.5 times this: a process that hangs (SIGSTOP, a deadlock of its
+        event loop) is detected that fast.
       identifier: the MQTT client id. The default, ``khod-<host>-p-<name>``,
         is stable on purpose (docs/protocol.md, "Connecting"): when a
         participant restarts, the broker takes over the old session and
         publishes the old connection's will before any request of the new
         one, instead of seconds later. Two live processes must not share it.
+        The shipped broker setup replaces it with the username (client ids
+        are bound to users there, docs/protocol.md, "Client ids"); its
+        ``khod-`` prefix is required there.
 
     Callbacks run one at a time, in order, in a task of the participant,
     outside of the message loop; an exception in one is logged.
+
+    A refusal by the broker raises at once, not as a timeout:
+    :class:`khod_client.NotAuthorized` for a wrong user or password or
+    anything the ACL refuses (entering, or a request of a name that is not
+    this user's), :class:`khod_client.BrokerRefused` for other refusals.
     """
 
     def __init__(
@@ -118,6 +149,10 @@ class Participant:
         on_freeze: OnFreeze | None = None,
         on_cancel: OnCancel | None = None,
         identifier: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        password_file: str | os.PathLike[str] | None = None,
+        keepalive: int = 10,
     ) -> None:
         # The daemon's own rules, so that a mistake shows here and not as a refusal later.
         self.name = names.check_name(name)
@@ -131,14 +166,18 @@ class Participant:
         self.on_cancel = on_cancel
         self.topics = Topics(self.host_id)
         self._tracker = Tracker(self.name)
-        self._state: ParticipantStatus | None = None
         self._change = asyncio.Event()
         self._callbacks: asyncio.Queue[tuple[str, Callable[[], Awaitable[None] | None]]] = (
             asyncio.Queue()
         )
         self._tasks: list[asyncio.Task[None]] = []
+        if password is not None and password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if password_file is not None:
+            password = read_password_file(Path(password_file))
         self._conn = Connection(
-            BrokerURL.parse(broker),
+            BrokerURL.parse(broker).with_credentials(username, password),
+            keepalive=keepalive,
             identifier=identifier or f"khod-{self.host_id}-p-{self.name}",
             subscriptions=[self.topics.handover, self.topics.state(self.name)],
             on_message=self._on_message,
@@ -156,7 +195,8 @@ class Participant:
         self._background: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
-        state = self._state.state if self._state else "unknown"
+        me = self._tracker.me
+        state = me.state if me else "unknown"
         return f"<Participant {self.name!r} host={self.host_id!r} state={state}>"
 
     # -- lifetime ------------------------------------------------------------
@@ -172,6 +212,10 @@ class Participant:
         self._tasks = [bus, callbacks]
         try:
             await self._conn.wait_connected(self.request_timeout)
+            if self._conn.refusal is not None:
+                # A subscription refused by the broker's ACL: this participant
+                # would never see a signal. Say so now, not at a timeout.
+                raise self._conn.refusal
         except BaseException:
             await self._stop()
             raise
@@ -221,14 +265,14 @@ class Participant:
     # -- what the daemon broadcasts ------------------------------------------
 
     @property
-    def handover(self) -> HandoverStatus | None:
-        """The latest handover status seen (retained topic or reply)."""
+    def handover(self) -> HandoverSignal | None:
+        """The latest handover broadcast seen (retained topic or reply)."""
         return self._tracker.latest
 
     @property
     def status(self) -> ParticipantStatus | None:
-        """The latest retained state of this participant seen."""
-        return self._state
+        """The latest state of this participant seen (retained topic or reply)."""
+        return self._tracker.me
 
     @property
     def handover_id(self) -> str | None:
@@ -239,25 +283,27 @@ class Participant:
         topic = message.topic.value
         try:
             if topic == self.topics.handover:
-                status = parse_status(HandoverStatus, payload_bytes(message))
-                if status is not None:
-                    self._events(self._tracker.observe(status))
+                signal = parse_status(HandoverSignal, payload_bytes(message))
+                if signal is not None:
+                    self._events(self._tracker.observe(signal))
             elif topic == self.topics.state(self.name):
-                self._state = parse_status(ParticipantStatus, payload_bytes(message))
+                state = parse_status(ParticipantStatus, payload_bytes(message))
+                if state is not None:
+                    self._events(self._tracker.observe_state(state))
         except KhodError as exc:
             log.warning("%s: ignoring a bad message on %s: %s", self.name, topic, exc)
         self._changed()
 
     def _observe_reply(self, data: dict[str, Any]) -> None:
-        raw = data.get("handover")
-        if isinstance(raw, dict):
-            try:
-                status = load_status(HandoverStatus, raw)
-            except ProtocolError as exc:
-                log.warning("%s: ignoring the handover status of a reply: %s", self.name, exc)
-                return
-            self._events(self._tracker.observe(status, from_reply=True))
-            self._changed()
+        # Replies carry the same statuses as the topics; older ones are ignored.
+        try:
+            if isinstance(raw := data.get("handover"), dict):
+                self._events(self._tracker.observe(load_status(HandoverSignal, raw)))
+            if isinstance(raw := data.get("participant"), dict):
+                self._events(self._tracker.observe_state(load_status(ParticipantStatus, raw)))
+        except ProtocolError as exc:
+            log.warning("%s: ignoring a status in a reply: %s", self.name, exc)
+        self._changed()
 
     def _events(self, events: list[Event]) -> None:
         for e in events:
@@ -297,17 +343,17 @@ class Participant:
             await change.wait()
 
     async def wait_for_handover(
-        self, predicate: Callable[[HandoverStatus], bool]
-    ) -> HandoverStatus:
-        """Until the latest handover status satisfies ``predicate``; that status."""
+        self, predicate: Callable[[HandoverSignal], bool]
+    ) -> HandoverSignal:
+        """Until the latest handover broadcast satisfies ``predicate``; that broadcast."""
 
-        def ready() -> HandoverStatus | None:
+        def ready() -> HandoverSignal | None:
             s = self._tracker.latest
             return s if s is not None and predicate(s) else None
 
         return await self._wait(ready)
 
-    async def wait_for_begin(self) -> HandoverStatus:
+    async def wait_for_begin(self) -> HandoverSignal:
         """Until a handover that includes this participant is preparing or freezing."""
         return await self._wait(self._tracker.begun)
 
@@ -428,24 +474,25 @@ class Participant:
         None waits as long as it takes (a component may start first).
         """
 
-        def ready() -> tuple[HandoverStatus, str | None] | None:
+        loop = asyncio.get_running_loop()
+        seen_at: dict[str, float] = {}
+
+        def ready() -> tuple[HandoverSignal, str | None] | None:
             s = self._tracker.latest
             if s is None or s.side != "incoming" or s.id is None:
                 return None
-            if self.name not in s.expected:
-                return s, None  # not in the payload: let the daemon say so
-            me = self._state
-            sha = me.fragment_sha256 if me is not None and me.handover_id == s.id else None
-            if sha is None:
-                return None
-            if (
-                s.state == "restoring"
-                and self.name not in s.may_retrieve
-                and me is not None
-                and me.state not in ("retrieved", "finished")
-            ):
+            me = self._tracker.me
+            if me is None or me.handover_id != s.id:
+                # Its claim (own state) arrives with the broadcast; without one
+                # after a moment, it has no fragment: let the daemon say so.
+                first = seen_at.setdefault(s.id, loop.time())
+                if loop.time() - first < CLAIM_GRACE:
+                    loop.call_later(CLAIM_GRACE, self._changed)
+                    return None
+                return s, None
+            if me.may_retrieve is False and me.state not in ("retrieved", "finished"):
                 return None  # it restores after someone who has not finished
-            return s, sha
+            return s, me.fragment_sha256
 
         try:
             status, sha = await asyncio.wait_for(self._wait(ready), timeout)

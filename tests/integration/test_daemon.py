@@ -52,7 +52,9 @@ async def test_late_monitor_sees_everything_retained(daemon: DaemonProc) -> None
         await until(lambda: len([k for k in latest if k.endswith("/state")]) == 3, what="states")
         assert state_of(latest, t.daemon)["state"] == "online"
         h = state_of(latest, t.handover)
-        assert h["state"] == "preparing" and h["expected"] == ["a", "b", "c"]
+        assert h["state"] == "preparing" and "expected" not in h  # O(1): no lists
+        await until(lambda: t.progress in latest, what="progress")
+        assert state_of(latest, t.progress)["expected"] == ["a", "b", "c"]
         assert {state_of(latest, t.state(n))["state"] for n in "abc"} == {"preparing"}
 
 

@@ -126,7 +126,7 @@ def test_a_participant_from_the_docs_alone(
 
     vm = ForeignClient(url, f"khod-{host}-p-vm-7", will_topic=f"{root}/p/vm-7/req/gone")
     vm.reply_topic = f"{root}/p/vm-7/reply"
-    vm.connect(vm.reply_topic, f"{root}/handover")
+    vm.connect(vm.reply_topic, f"{root}/handover", f"{root}/p/vm-7/state")
     op = ForeignClient(url, "alice")
     op.reply_topic = f"{root}/ctl/reply/alice"
     op.connect(op.reply_topic)
@@ -140,12 +140,14 @@ def test_a_participant_from_the_docs_alone(
         )
         assert data["participant"]["state"] == "registered"
         ok(op.request(f"{root}/ctl/req/begin", b'{"deadline": 600}', "application/json")[0])
-        vm.wait_retained(
-            f"{root}/handover", lambda h: h["state"] == "preparing" and "vm-7" in h["missing"]
-        )
+        # Its own state names the handover; the broadcast says it is preparing.
+        state = vm.wait_retained(f"{root}/p/vm-7/state", lambda s: s["handover_id"] is not None)
+        hid = state["handover_id"]
+        vm.wait_retained(f"{root}/handover", lambda h: h["state"] == "preparing" and h["id"] == hid)
         data = ok(vm.request(f"{root}/p/vm-7/req/fragment", blob, "application/x-dtb")[0])
         assert data["sha256"] == hashlib.sha256(blob).hexdigest()
-        vm.wait_retained(f"{root}/handover", lambda h: "vm-7" in h["may_freeze"])
+        # No freeze_after: the broadcast alone is the freeze signal.
+        vm.wait_retained(f"{root}/handover", lambda h: h["state"] == "freezing" and h["id"] == hid)
         ok(vm.request(f"{root}/p/vm-7/req/frozen", b"", "application/json")[0])
         vm.wait_retained(f"{root}/handover", lambda h: h["state"] == "committed")
     finally:
@@ -158,11 +160,12 @@ def test_a_participant_from_the_docs_alone(
     incoming.start(restore=daemon.state_dir / "payload.kho")
     vm = ForeignClient(url, f"khod-{host}-p-vm-7", will_topic=f"{root}/p/vm-7/req/gone")
     vm.reply_topic = f"{root}/p/vm-7/reply"
-    vm.connect(vm.reply_topic, f"{root}/handover")
+    vm.connect(vm.reply_topic, f"{root}/handover", f"{root}/p/vm-7/state")
     try:
         vm.wait_retained(
-            f"{root}/handover", lambda h: h["side"] == "incoming" and "vm-7" in h["may_retrieve"]
+            f"{root}/handover", lambda h: h["side"] == "incoming" and h["state"] == "restoring"
         )
+        vm.wait_retained(f"{root}/p/vm-7/state", lambda s: s["state"] == "available")
         payload, ctype = vm.request(f"{root}/p/vm-7/req/retrieve", b"", "application/json")
         assert ctype == "application/x-dtb"
         assert payload == blob

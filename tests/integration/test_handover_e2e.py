@@ -91,7 +91,12 @@ async def test_fifty_participants_handover_and_restore(
                 await p.__aexit__(None, None, None)
         # What a plain MQTT monitor sees, from the retained topics alone.
         handover = HandoverStatus.model_validate_json(latest[t.handover])
-        assert handover.state == "committed" and len(handover.expected) == n
+        assert handover.state == "committed"
+        await until(
+            lambda: HandoverStatus.model_validate_json(latest[t.progress]).state == "committed",
+            what="progress",
+        )
+        assert len(HandoverStatus.model_validate_json(latest[t.progress]).expected) == n
         assert handover.payload is not None and handover.payload["participants"] == n
         assert "preparing" in seen_handover_states or "freezing" in seen_handover_states
         for name, blob in submitted.items():
@@ -290,6 +295,4 @@ async def test_illegal_requests_are_answered_and_change_nothing(daemon: DaemonPr
         with pytest.raises(RemoteError) as info:
             await control(daemon, ControlOp.BEGIN)
         assert info.value.code == "illegal-transition"
-        with pytest.raises(RemoteError) as info:
-            await control(daemon, ControlOp.ABORT)
-        assert info.value.code == "illegal-transition"
+        # (an abort now would withdraw the payload: tests/integration/test_retries.py)

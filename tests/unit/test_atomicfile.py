@@ -147,3 +147,25 @@ def test_sigkill_never_leaves_a_partial_file(tmp_path: Path) -> None:
         assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")) == [
             "payload.kho"
         ]
+
+
+def test_stale_temporary_files_of_the_targets_are_removed_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    from khod.atomicfile import remove_stale_temps
+
+    stale = [tmp_path / ".payload.json.k2j_x9qa.tmp", tmp_path / ".payload.kho.abc12345.tmp"]
+    kept = [
+        tmp_path / "payload.json",
+        tmp_path / ".other.json.abc12345.tmp",  # not one of ours
+        tmp_path / "payload.json.abc12345.tmp",  # not a name atomic_write makes
+        tmp_path / ".payload.json.abc12345.tmp.orig",
+    ]
+    for f in stale + kept:
+        f.write_bytes(b"x")
+    (tmp_path / ".payload.kho.dir12345.tmp").mkdir()  # not a file: not ours either
+    removed = remove_stale_temps([tmp_path / "payload.kho", tmp_path / "payload.json"])
+    assert sorted(removed) == sorted(stale)
+    assert not any(f.exists() for f in stale)
+    assert all(f.exists() for f in kept)
+    assert remove_stale_temps([tmp_path / "missing" / "payload.kho"]) == []

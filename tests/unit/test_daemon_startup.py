@@ -39,11 +39,17 @@ def daemon(tmp_path: Path, *, now: float) -> tuple[Daemon, Store]:
     return Daemon(settings, store, Recorder(), clock=lambda: now), store
 
 
+async def resumed(d: Daemon) -> None:
+    async with d.running():
+        await d.resume()
+        await d.settled()
+
+
 def test_resume_commits_a_handover_killed_before_assembly(tmp_path: Path) -> None:
     with Store(tmp_path) as store:
         frozen_handover(store, deadline=100.0)
     d, store = daemon(tmp_path, now=50.0)
-    asyncio.run(d.resume())
+    asyncio.run(resumed(d))
     assert d.out.handover.state == "committed"
     assert (tmp_path / "payload.kho").exists()
     store.close()
@@ -53,7 +59,7 @@ def test_resume_aborts_a_handover_whose_deadline_passed_meanwhile(tmp_path: Path
     with Store(tmp_path) as store:
         frozen_handover(store, deadline=100.0)
     d, store = daemon(tmp_path, now=150.0)
-    asyncio.run(d.resume())
+    asyncio.run(resumed(d))
     assert d.out.handover.state == "idle"
     assert (d.out.handover.abort_reason or "").startswith("deadline passed")
     assert not (tmp_path / "payload.kho").exists()

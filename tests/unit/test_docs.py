@@ -8,7 +8,11 @@
   every ``$ref`` resolves.
 - The reply ``data`` documented per op (in both documents) is what the daemon
   really sends: requests go through ``Daemon.handle`` in-process, with a
-  store in a temporary directory and a publisher that records.
+  store in a temporary directory and a publisher that records. Participant
+  replies carry the compact ``HandoverSignal``, operator replies the detailed
+  ``HandoverStatus``; both documents must say which.
+- The numbers a client relies on (protocol version, replies kept, the
+  sequence gap of a restarted daemon, the progress rate) are the code's.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ from pydantic import BaseModel
 import khod
 from khod import errors, fdt
 from khod.config import Settings
-from khod.daemon import Daemon
+from khod.daemon import REPLIES_KEPT, SEQ_RESTART_GAP, Daemon
 from khod.payload import PayloadImage
 from khod.protocol import (
     DTB,
     JSON,
+    MAX_CORRELATION_DATA,
     MAX_JSON_BODY,
+    PROTOCOL_VERSION,
     AbortRequest,
     BeginRequest,
     ControlOp,
@@ -44,14 +50,18 @@ from khod.protocol import (
     ErrorBody,
     FailRequest,
     FreezeRequest,
+    HandoverSignal,
     HandoverStatus,
     ParticipantOp,
     ParticipantStatus,
     RegisterRequest,
+    Registration,
     Reply,
     Topics,
+    decode,
 )
-from khod.replies import ReplyCache
+from khod.replies import ENTRY_OVERHEAD, ReplyCache
+from khod.service import TICK
 from khod.store import Store
 from tests.fakes import Recorder
 
@@ -69,8 +79,10 @@ MODELS: list[type[BaseModel]] = [
     Reply,
     ErrorBody,
     DaemonStatus,
+    HandoverSignal,
     HandoverStatus,
     ParticipantStatus,
+    Registration,
 ]
 PARTICIPANT_OPS = [str(op) for op in ParticipantOp]
 CONTROL_OPS = [str(op) for op in ControlOp]
@@ -88,6 +100,20 @@ REPLY_DATA_SCHEMA = {
     "abort": "HandoverReplyData",
     "status": "StatusReplyData",
 }
+#: Which handover model the ``handover`` of each op's reply data is: participants
+#: get the O(1) signal, operators the detailed status.
+REPLY_HANDOVER_MODEL: dict[str, type[BaseModel]] = {
+    "register": HandoverSignal,
+    "fragment": HandoverSignal,
+    "frozen": HandoverSignal,
+    "finish": HandoverSignal,
+    "begin": HandoverStatus,
+    "freeze": HandoverStatus,
+    "abort": HandoverStatus,
+    "status": HandoverStatus,
+}
+#: The retained channels of asyncapi.yaml.
+RETAINED_CHANNELS = {"daemon", "handover", "progress", "participantState"}
 
 
 # -- helpers -------------------------------------------------------------------
@@ -194,7 +220,7 @@ def test_protocol_md_documents_every_op(protocol_md: str) -> None:
 
 def test_protocol_md_documents_every_topic(protocol_md: str) -> None:
     t = Topics("<host>")
-    topics = [t.daemon, t.handover, t.state("<name>"), t.reply("<name>")]
+    topics = [t.daemon, t.handover, t.progress, t.state("<name>"), t.reply("<name>")]
     topics += [t.control_reply("<client>"), f"{t.prefix}/p/<name>/req/<op>"]
     topics += [f"{t.prefix}/ctl/req/<op>"]
     topics += [t.participant_states, t.all_participant_requests, t.all_control_requests]
@@ -216,6 +242,11 @@ def test_protocol_md_field_table_is_exactly_the_model(protocol_md: str, model: t
     )
 
 
+def test_protocol_md_error_precedence_covers_every_op(protocol_md: str) -> None:
+    documented = table_keys(section(protocol_md, "7.1 Which error when several apply"))
+    assert sorted(documented) == sorted(PARTICIPANT_OPS + CONTROL_OPS)
+
+
 def test_protocol_md_reply_data_table_covers_every_op(protocol_md: str) -> None:
     documented = table_keys(section(protocol_md, "4.4 Reply data per op"))
     assert sorted(documented) == sorted(PARTICIPANT_OPS + CONTROL_OPS)
@@ -223,10 +254,43 @@ def test_protocol_md_reply_data_table_covers_every_op(protocol_md: str) -> None:
 
 def test_protocol_md_states_the_limits(protocol_md: str) -> None:
     assert f"{MAX_JSON_BODY} bytes" in protocol_md
+    assert f"at most {MAX_CORRELATION_DATA} bytes" in protocol_md
+    assert f"fixed {ENTRY_OVERHEAD} bytes per entry" in protocol_md
     cache = ReplyCache()
+    assert cache.max_entries == REPLIES_KEPT  # in memory and in the store alike
     assert f"last {cache.max_entries} replies" in protocol_md
     assert f"{cache.max_bytes // 2**20} MiB" in protocol_md
     assert "`application/json`" in protocol_md and f"`{DTB}`" in protocol_md and JSON in protocol_md
+
+
+def test_reliability_md_states_the_hostile_input_bounds(protocol_md: str) -> None:
+    from khod.fdt import MAX_DEPTH, MAX_NAME_LEN
+    from khod.service import MAX_INBOUND_BYTES
+    from tests.integration.test_hostile import FLOOD_GROWTH_MIB
+
+    text = section((DOCS / "reliability.md").read_text(), "Hostile input")
+    inbound = f"{MAX_INBOUND_BYTES // 2**20} MiB"
+    assert f"**{inbound}**" in text and f"than {inbound} of them" in protocol_md
+    assert f"{MAX_INBOUND_BYTES // 4 // 2**20} MiB more" in text
+    assert f"at most **{FLOOD_GROWTH_MIB} MiB**" in text
+    assert f"**{MAX_CORRELATION_DATA} bytes**" in text
+    assert f"**{MAX_DEPTH}** nodes deep" in text and f"**{MAX_NAME_LEN} bytes**" in text
+
+
+def test_protocol_md_states_the_version(protocol_md: str) -> None:
+    assert protocol_md.splitlines()[0].endswith(f"version {PROTOCOL_VERSION}")
+    versioning = section(protocol_md, "16. Versioning")
+    assert f"**{PROTOCOL_VERSION}**" in versioning
+    # What an older client gets: the code the daemon really answers with.
+    with pytest.raises(errors.ProtocolError) as refused:
+        decode(EmptyRequest, json.dumps({"protocol": PROTOCOL_VERSION - 1}).encode())
+    assert f"`{refused.value.code}`" in versioning
+    assert f'"protocol": {PROTOCOL_VERSION}' in section(protocol_md, "4.2 Bodies")
+
+
+def test_protocol_md_states_the_numbers_of_ordering(protocol_md: str) -> None:
+    assert SEQ_RESTART_GAP == 2**20 and "2^20" in section(protocol_md, "Sequence numbers")
+    assert f"every {TICK} s" in section(protocol_md, "9.3 `HandoverStatus`")
 
 
 # -- asyncapi.yaml ---------------------------------------------------------------
@@ -237,6 +301,7 @@ def test_asyncapi_is_version_3_0_0(asyncapi: dict[str, Any]) -> None:
     for key in ("info", "servers", "channels", "operations", "components"):
         assert key in asyncapi, key
     assert asyncapi["info"]["title"] and asyncapi["info"]["version"]
+    assert asyncapi["info"]["version"].split(".")[0] == str(PROTOCOL_VERSION)
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
@@ -265,7 +330,7 @@ def test_asyncapi_channel_parameters_match_addresses(asyncapi: dict[str, Any]) -
 def test_asyncapi_has_a_channel_for_every_topic(asyncapi: dict[str, Any]) -> None:
     addresses = [c["address"] for c in asyncapi["channels"].values()]
     t = Topics("hv-1")
-    concrete = [t.daemon, t.handover, t.state("vm-7"), t.reply("vm-7")]
+    concrete = [t.daemon, t.handover, t.progress, t.state("vm-7"), t.reply("vm-7")]
     concrete += [t.control_reply("op-1")]
     concrete += [t.request("vm-7", op) for op in ParticipantOp]
     concrete += [t.control(op) for op in ControlOp]
@@ -299,14 +364,38 @@ def test_asyncapi_request_messages(asyncapi: dict[str, Any]) -> None:
 
 
 def test_asyncapi_operations_bindings(asyncapi: dict[str, Any]) -> None:
-    retained = {"daemon", "handover", "participantState"}
     for oid, operation in asyncapi["operations"].items():
         mqtt = operation["bindings"]["mqtt"]
         assert mqtt["qos"] == 1, oid
         channel_id = operation["channel"]["$ref"].rsplit("/", 1)[1]
-        assert mqtt["retain"] is (channel_id in retained), oid
+        assert mqtt["retain"] is (channel_id in RETAINED_CHANNELS), oid
         for m in operation["messages"]:
             assert m["$ref"].startswith(f"#/channels/{channel_id}/messages/"), (oid, m)
+
+
+def test_asyncapi_retained_channels_carry_their_models(asyncapi: dict[str, Any]) -> None:
+    channels = asyncapi["channels"]
+    expected = {
+        "daemon": ("khod/v1/{host}/daemon", {"DaemonStatus"}),
+        "handover": ("khod/v1/{host}/handover", {"HandoverSignal"}),
+        "progress": ("khod/v1/{host}/progress", {"HandoverStatus"}),
+        "participantState": ("khod/v1/{host}/p/{name}/state", {"ParticipantStatus", "Removed"}),
+    }
+    assert set(expected) == RETAINED_CHANNELS
+    for cid, (address, models) in expected.items():
+        assert channels[cid]["address"] == address, cid
+        payloads = {
+            resolve(asyncapi, m)["payload"]["$ref"].rsplit("/", 1)[1]
+            for m in channels[cid]["messages"].values()
+        }
+        assert payloads == models, cid
+    # Every retained channel can be received: someone watches it.
+    watched = {
+        op["channel"]["$ref"].rsplit("/", 1)[1]
+        for op in asyncapi["operations"].values()
+        if op["action"] == "receive"
+    }
+    assert watched >= RETAINED_CHANNELS
 
 
 def test_asyncapi_retrieve_reply_is_raw(asyncapi: dict[str, Any]) -> None:
@@ -329,6 +418,7 @@ class Bus:
         self.t = Topics(host)
         self.n = 0
         self.data: dict[str, list[dict[str, Any]]] = {}
+        self.worker: asyncio.Task[None] | None = None
 
     async def request(self, name: str | None, op: str, body: bytes = b"") -> dict[str, Any]:
         self.n += 1
@@ -339,7 +429,10 @@ class Bus:
             topic, reply_to = self.t.request(name, ParticipantOp(op)), self.t.reply(name)
         ctype = DTB if op == "fragment" else JSON
         start = len(self.pub.sent)
+        if self.worker is None:  # asyncio.run() cancels it at the end
+            self.worker = asyncio.create_task(self.daemon.run())
         await self.daemon.handle(topic, body, (ctype, reply_to, corr))
+        await self.daemon.settled()
         replies = [s for s in self.pub.sent[start:] if s[0] == reply_to]
         assert len(replies) == 1, replies
         _, payload, kw = replies[0]
@@ -350,6 +443,23 @@ class Bus:
         self.data.setdefault(op, []).append(reply.data)
         return reply.data
 
+    async def retrieve(self, name: str) -> bytes:
+        """``retrieve``, whose successful reply is the raw fragment."""
+        self.n += 1
+        corr = f"c{self.n}".encode()
+        topic, reply_to = self.t.request(name, ParticipantOp.RETRIEVE), self.t.reply(name)
+        start = len(self.pub.sent)
+        if self.worker is None:
+            self.worker = asyncio.create_task(self.daemon.run())
+        await self.daemon.handle(topic, b"", (JSON, reply_to, corr))
+        await self.daemon.settled()
+        replies = [s for s in self.pub.sent[start:] if s[0] == reply_to]
+        assert len(replies) == 1, replies
+        _, payload, kw = replies[0]
+        assert kw["correlation"] == corr and kw["content_type"] == DTB
+        assert isinstance(payload, bytes)
+        return payload
+
 
 def fragment(compatible: str, instance: int | str) -> bytes:
     b = fdt.start_storage(compatible, instance)
@@ -359,12 +469,13 @@ def fragment(compatible: str, instance: int | str) -> bytes:
 
 @pytest.fixture(scope="module")
 def reply_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    """The reply data of every op but retrieve/finish, from two real handovers."""
+    """The reply data of every op, from two real handovers and the restore of one."""
 
     async def run() -> dict[str, list[dict[str, Any]]]:
         seen: dict[str, list[dict[str, Any]]] = {}
         # 1. a committed handover: register, begin, fragment, revise, frozen, status.
-        bus = Bus(tmp_path_factory.mktemp("committed"))
+        committed = tmp_path_factory.mktemp("committed")
+        bus = Bus(committed)
         await bus.request("vm-7", "register", b'{"compatible":"example,vm-v1","instance":7}')
         await bus.request(None, "begin", b'{"deadline":60}')
         blob = fragment("example,vm-v1", 7)
@@ -376,10 +487,21 @@ def reply_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[
         await bus.request(None, "status")
         assert bus.daemon.handover_status().state == "committed"
         PayloadImage.from_file(bus.settings.payload_path)  # the committed image reads back
-        retained = {bus.t.daemon, bus.t.handover, bus.t.state("vm-7")}
-        for topic, _, kw in bus.pub.sent:
+        await bus.daemon.publish_progress()  # what the daemon's tick does, 4 times a second
+        retained = {bus.t.daemon, bus.t.handover, bus.t.progress, bus.t.state("vm-7")}
+        models: dict[str, type[BaseModel]] = {
+            bus.t.handover: HandoverSignal,
+            bus.t.progress: HandoverStatus,
+            bus.t.state("vm-7"): ParticipantStatus,
+        }
+        published = set()
+        for topic, payload, kw in bus.pub.sent:
             if topic in retained:
                 assert kw.get("retain") is True, topic
+                published.add(topic)
+                if topic in models:  # exactly the model's fields, no more
+                    assert set(json.loads(payload)) == set(models[topic].model_fields), topic
+        assert published >= set(models), published
         bus.store.close()
         for op, values in bus.data.items():
             seen.setdefault(op, []).extend(values)
@@ -397,12 +519,22 @@ def reply_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[
         bus.store.close()
         for op, values in bus.data.items():
             seen.setdefault(op, []).extend(values)
+        # 3. the restore of the committed payload: retrieve (twice: it may), finish.
+        bus = Bus(committed)
+        bus.daemon.load_incoming(bus.settings.payload_path)
+        assert await bus.retrieve("vm-7") == blob
+        assert await bus.retrieve("vm-7") == blob
+        data = await bus.request("vm-7", "finish")
+        assert data["handover"]["state"] == "released"
+        bus.store.close()
+        for op, values in bus.data.items():
+            seen.setdefault(op, []).extend(values)
         return seen
 
     return asyncio.run(run())
 
 
-@pytest.mark.parametrize("op", sorted(set(REPLY_DATA_SCHEMA) - {"finish"}))
+@pytest.mark.parametrize("op", sorted(REPLY_DATA_SCHEMA))
 def test_reply_data_is_as_documented(
     op: str, reply_data: dict[str, list[dict[str, Any]]], asyncapi: dict[str, Any], protocol_md: str
 ) -> None:
@@ -421,7 +553,12 @@ def test_reply_data_is_as_documented(
         if "participant" in data:
             ParticipantStatus.model_validate(data["participant"])
         if "handover" in data:
-            HandoverStatus.model_validate(data["handover"])
+            model = REPLY_HANDOVER_MODEL[op]
+            model.model_validate(data["handover"])
+            assert set(data["handover"]) == set(model.model_fields), op
+            ref = schema["properties"]["handover"]["$ref"]
+            assert ref == REF_TEMPLATE.format(model=model.__name__), (op, ref)
+            assert f'"handover": {model.__name__}' in row, op
         for p in data.get("participants", []):
             ParticipantStatus.model_validate(p)
         if "daemon" in data:

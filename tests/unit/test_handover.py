@@ -158,13 +158,24 @@ def test_happy_path_with_auto_freeze() -> None:
 
     # Committed is final for this boot.
     refused(out, IllegalTransition, lambda: out.begin("h2", deadline=1e9, now=7.0))
-    refused(out, IllegalTransition, lambda: out.abort("too late", now=7.0))
     refused(out, IllegalTransition, lambda: out.assembled())
     assert out.check_deadline(now=1e9) == Changes()
     assert out.handover.state is H.COMMITTED
     # Components going away after commit is expected: nothing changes.
     assert not out.gone("vm", now=8.0)
     assert "vm" in out.participants
+    # Unless the operator withdraws the payload (the kexec will not happen):
+    # everyone thaws, and the next handover may begin.
+    c = out.abort("kexec postponed", now=9.0)
+    assert events(c, "handover") == [
+        ("withdraw", "committed", "aborting"),
+        ("reset", "aborting", "idle"),
+    ]
+    assert out.handover.abort_reason == "payload withdrawn: kexec postponed"
+    assert out.handover.payload is None
+    assert states(out) == {"db": "registered", "vm": "registered", "agent": "registered"}
+    assert c.drop_fragments == {"db", "vm", "agent"}
+    out.begin("h2", deadline=1e9, now=10.0)
 
 
 def test_manual_freeze_when_everyone_is_serialized() -> None:
@@ -1133,9 +1144,13 @@ class OutgoingMachine(RuleBasedStateMachine):
 
     @rule(reason=st.sampled_from(["operator", "maintenance window closed"]))
     def abort(self, reason: str) -> None:
+        was = self.out.handover.state
         changes = self.apply(lambda: self.out.abort(reason, now=self.now))
         if changes is not None:
-            assert self.out.handover.abort_reason == reason
+            # Once committed, an abort withdraws the payload and says so.
+            said = f"payload withdrawn: {reason}" if was is H.COMMITTED else reason
+            assert self.out.handover.abort_reason == said
+            assert self.out.handover.state is H.IDLE and self.out.handover.payload is None
 
     @rule(dt=st.one_of(st.sampled_from([0.0, 1.0, 5.0]), st.floats(0.0, 100.0)))
     def tick(self, dt: float) -> None:

@@ -239,14 +239,14 @@ class FakeHandoff:
 
 
 def test_a_restarted_khod_preserves_the_same_payload_again(tmp_path: Path) -> None:
-    from tests.unit.test_daemon_startup import frozen_handover
+    from tests.unit.test_daemon_startup import frozen_handover, resumed
 
     with Store(tmp_path) as store:
         frozen_handover(store, deadline=100.0)
     settings = Settings(state_dir=tmp_path, host_id="h")
     with Store(tmp_path) as store:
         d = Daemon(settings, store, Recorder(), clock=lambda: 50.0)
-        asyncio.run(d.resume())  # commits with the dir backend: the reference image
+        asyncio.run(resumed(d))  # commits with the dir backend: the reference image
         assert d.out.handover.state == "committed"
         fake = FakeHandoff()
         luo_service.preserve_again(d, fake)  # type: ignore[arg-type]
@@ -269,12 +269,32 @@ def test_the_session_is_finished_only_once_the_restore_is_released(tmp_path: Pat
         fake = FakeHandoff()
 
         async def scenario() -> None:
-            task = asyncio.create_task(luo_service.finish_when_released(d, fake))  # type: ignore[arg-type]
-            await asyncio.sleep(0.6)
-            assert fake.finished == 0 and not task.done()  # still restoring
-            now[0] = 100.0  # the restore deadline passes: released
-            await d.tick()
-            await asyncio.wait_for(task, 5)
+            async with d.running():
+                task = asyncio.create_task(luo_service.finish_when_released(d, fake))  # type: ignore[arg-type]
+                await asyncio.sleep(0.6)
+                assert fake.finished == 0 and not task.done()  # still restoring
+                now[0] = 100.0  # the restore deadline passes: released
+                await d.tick()
+                await d.settled()
+                await asyncio.wait_for(task, 5)
 
         asyncio.run(scenario())
         assert fake.finished == 1
+
+
+def test_withdrawing_a_committed_luo_payload_closes_the_session(tmp_path: Path) -> None:
+    settings = load_settings(None, state_dir=tmp_path, backend="luo", host_id="h1")
+    closed: list[bool] = []
+
+    class Held:
+        def withdraw(self) -> None:
+            closed.append(True)
+
+    backend.manifest_path(settings.payload_path).write_text("{}")
+    backend.use_luo(Held())  # type: ignore[arg-type]
+    try:
+        asyncio.run(backend.withdraw_committed(settings, timeout=5))
+    finally:
+        backend.use_luo(None)
+    assert closed == [True]
+    assert not backend.manifest_path(settings.payload_path).exists()

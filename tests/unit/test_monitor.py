@@ -8,7 +8,14 @@ import pytest
 from rich.console import Console
 
 from khod.monitor import MonitorState, fmt_seconds, participants_table, status_header
-from khod.protocol import DaemonStatus, HandoverStatus, ParticipantStatus, Topics, encode
+from khod.protocol import (
+    DaemonStatus,
+    HandoverSignal,
+    HandoverStatus,
+    ParticipantStatus,
+    Topics,
+    encode,
+)
 
 HOST = "h1"
 T = Topics(HOST)
@@ -66,7 +73,7 @@ def mon(clock: Clock) -> MonitorState:
 
 
 def test_preparing_counts_and_outstanding(mon: MonitorState) -> None:
-    mon.ingest(T.handover, handover("preparing", expected=["a", "b", "c", "d"]))
+    mon.ingest(T.progress, handover("preparing", expected=["a", "b", "c", "d"]))
     feed(mon, ("a", "serialized"), ("b", "preparing"), ("c", "frozen"), ("x", "registered"))
     # d is expected but has not registered yet: outstanding, in no bar.
     assert mon.members() == ["a", "b", "c", "d"]
@@ -88,7 +95,7 @@ def test_preparing_counts_and_outstanding(mon: MonitorState) -> None:
 
 def test_freezing_outstanding_and_running_blackout(mon: MonitorState, clock: Clock) -> None:
     mon.ingest(
-        T.handover, handover("freezing", expected=["a", "b"], freeze_at=NOW - 0.25, left_out=["z"])
+        T.progress, handover("freezing", expected=["a", "b"], freeze_at=NOW - 0.25, left_out=["z"])
     )
     feed(mon, ("a", "frozen"), ("b", "serialized"), ("z", "registered"))
     assert mon.outstanding() == ["b"]
@@ -104,7 +111,7 @@ def test_freezing_outstanding_and_running_blackout(mon: MonitorState, clock: Clo
 
 
 def test_idle_without_handover_counts_everyone(mon: MonitorState) -> None:
-    mon.ingest(T.handover, handover("idle", id=None))
+    mon.ingest(T.progress, handover("idle", id=None))
     feed(mon, ("a", "registered"), ("b", "registered"))
     assert mon.members() == ["a", "b"]
     assert mon.counts()["registered"] == 2
@@ -118,11 +125,11 @@ def test_idle_without_handover_counts_everyone(mon: MonitorState) -> None:
 
 
 def test_committed_is_done_with_the_blackout_figure(mon: MonitorState, clock: Clock) -> None:
-    mon.ingest(T.handover, handover("freezing", expected=["a"], freeze_at=NOW))
+    mon.ingest(T.progress, handover("freezing", expected=["a"], freeze_at=NOW))
     assert mon.done is None
     clock.t += 60  # the figure must not keep running once committed
     mon.ingest(
-        T.handover,
+        T.progress,
         handover(
             "committed",
             expected=["a"],
@@ -142,35 +149,35 @@ def test_committed_is_done_with_the_blackout_figure(mon: MonitorState, clock: Cl
 
 def test_late_monitor_sees_a_commit() -> None:
     m = MonitorState(HOST)
-    m.ingest(T.handover, handover("committed", freeze_at=NOW, committed_at=NOW + 1))
+    m.ingest(T.progress, handover("committed", freeze_at=NOW, committed_at=NOW + 1))
     assert m.done == "committed"
 
 
 def test_abort_counts_only_after_running(mon: MonitorState) -> None:
     # An old abort, retained from before this monitor started: not an end.
-    mon.ingest(T.handover, handover("idle", id="old", abort_reason="operator abort"))
+    mon.ingest(T.progress, handover("idle", id="old", abort_reason="operator abort"))
     assert mon.done is None
-    mon.ingest(T.handover, handover("preparing", expected=["a"]))
+    mon.ingest(T.progress, handover("preparing", expected=["a"]))
     assert mon.done is None
-    mon.ingest(T.handover, handover("idle", expected=["a"], abort_reason="a failed: oops"))
+    mon.ingest(T.progress, handover("idle", expected=["a"], abort_reason="a failed: oops"))
     assert mon.done == "aborted"
     assert "aborted: a failed: oops" in mon.summary()
     assert "aborted: a failed: oops" in text(mon.render())
 
 
 def test_forget_keeps_what_was_seen_running(mon: MonitorState) -> None:
-    mon.ingest(T.handover, handover("preparing", expected=["a"]))
+    mon.ingest(T.progress, handover("preparing", expected=["a"]))
     feed(mon, ("a", "preparing"))
     mon.forget()
     assert mon.handover is None and mon.daemon is None and mon.participants == {}
-    mon.ingest(T.handover, handover("idle", expected=["a"], abort_reason="deadline passed"))
+    mon.ingest(T.progress, handover("idle", expected=["a"], abort_reason="deadline passed"))
     assert mon.done == "aborted"
 
 
 def test_incoming_side(mon: MonitorState) -> None:
     mon.ingest(T.daemon, daemon(side="incoming"))
     mon.ingest(
-        T.handover,
+        T.progress,
         handover("restoring", side="incoming", expected=["a", "b", "c"], deadline=NOW + 90),
     )
     for name, state in (("a", "finished"), ("b", "retrieved"), ("c", "available")):
@@ -183,7 +190,7 @@ def test_incoming_side(mon: MonitorState) -> None:
     assert "deadline in 1m30s" in out
     assert "finished" in out and "1/3" in out
     mon.ingest(
-        T.handover,
+        T.progress,
         handover("released", side="incoming", expected=["a", "b", "c"], unclaimed=["b", "c"]),
     )
     assert mon.done == "released"
@@ -215,7 +222,7 @@ def test_empty_payload_deletes_a_participant(mon: MonitorState) -> None:
     ],
 )
 def test_garbage_is_ignored(mon: MonitorState, payload: bytes) -> None:
-    mon.ingest(T.handover, handover("preparing", expected=["a"]))
+    mon.ingest(T.progress, handover("preparing", expected=["a"]))
     feed(mon, ("a", "preparing"))
     before = (mon.handover, dict(mon.participants), mon.daemon)
     for topic in (T.handover, T.state("a"), T.daemon, T.state("b")):
@@ -250,7 +257,7 @@ def test_render_before_anything_arrived(mon: MonitorState) -> None:
 
 def test_render_daemon_offline_and_participant_rows(mon: MonitorState) -> None:
     mon.ingest(T.daemon, daemon("offline"))
-    mon.ingest(T.handover, handover("preparing", expected=["vm0", "vm1"]))
+    mon.ingest(T.progress, handover("preparing", expected=["vm0", "vm1"]))
     mon.ingest(
         T.state("vm0"),
         participant("vm0", "serialized", fragment_size=512, fragment_sha256="ab" * 32),
@@ -270,7 +277,7 @@ def test_render_daemon_offline_and_participant_rows(mon: MonitorState) -> None:
 
 def test_render_cuts_a_long_table(mon: MonitorState) -> None:
     names = [f"p{i:03d}" for i in range(50)]
-    mon.ingest(T.handover, handover("preparing", expected=names))
+    mon.ingest(T.progress, handover("preparing", expected=names))
     for n in names:
         mon.ingest(T.state(n), participant(n, "serialized" if n != "p042" else "preparing"))
     out = text(mon.render(max_rows=5))
@@ -315,7 +322,7 @@ def test_fmt_seconds(seconds: float, shown: str) -> None:
 
 
 def test_text_from_the_bus_is_not_rich_markup(mon: MonitorState) -> None:
-    mon.ingest(T.handover, handover("idle", expected=["a"], abort_reason="[bold]boom[/]"))
+    mon.ingest(T.progress, handover("idle", expected=["a"], abort_reason="[bold]boom[/]"))
     mon.ingest(T.state("a"), participant("a", "failed", instance="[red]x", error="[i]err"))
     out = text(mon.render())
     assert "[bold]boom[/]" in out and "[red]x" in out and "[i]err" in out
@@ -325,3 +332,15 @@ def test_status_header_before_any_handover() -> None:
     h = HandoverStatus(side="outgoing", id=None, state="idle", updated_at=NOW)
     out = text(status_header(HOST, h, 0))
     assert "0 participants" in out and "idle, no handover yet" in out
+
+
+def test_the_signal_moves_the_state_at_once_and_keeps_the_details(mon: MonitorState) -> None:
+    mon.ingest(T.progress, handover("preparing", expected=["a", "b"], seq=5))
+    mon.ingest(T.handover, encode(HandoverSignal(seq=6, side="outgoing", id=HID,
+                                                 state="freezing", updated_at=NOW)))  # fmt: skip
+    assert mon.handover is not None and mon.handover.state == "freezing"
+    assert mon.members() == ["a", "b"]
+    # An older broadcast (a persistent broker's replay) changes nothing.
+    mon.ingest(T.handover, encode(HandoverSignal(seq=2, side="outgoing", id=None,
+                                                 state="idle", updated_at=NOW)))  # fmt: skip
+    assert mon.handover.state == "freezing"

@@ -43,6 +43,8 @@ def compatible_ok(v: object) -> bool:
         and 1 <= len(v) <= 128
         and v[0] in ALNUM
         and all(c in COMPATIBLE_CHARS for c in v)
+        # khod adds the prefix in the fragment: a compatible that has it is a mistake.
+        and not v.startswith("linux-kho,")
     )
 
 

@@ -402,8 +402,11 @@ def test_duplicate_compatible_and_instance_in_links() -> None:
 def test_non_zero_padding_and_trailing_bytes() -> None:
     links_, layout = good_layout()
     refused(craft(links_, [*layout, (PAGE - 1, b"\1")]), "non-zero byte at offset 0xfff")
-    refused(craft(links_, [*layout, (5 * PAGE, b"\1")]), "non-zero byte at offset 0x5000")
-    assert PayloadImage.parse(craft(links_, layout, size=6 * PAGE)).size == 6 * PAGE
+    refused(craft(links_, [*layout, (5 * PAGE, b"\1")]), "bytes after participant")
+    # The image ends with its last fragment (payload.md §2.1): zeros after it are refused too.
+    refused(craft(links_, layout, size=6 * PAGE), "bytes after participant")
+    image = craft(links_, layout)
+    assert PayloadImage.parse(image).size == len(image)
 
 
 def test_bad_parse_arguments() -> None:

@@ -15,6 +15,7 @@ import khod_client
 from khod.config import Settings
 from khod.errors import ProtocolError, RegistrationError, RemoteError, RequestTimeout
 from khod.protocol import (
+    HandoverSignal,
     HandoverStatus,
     ParticipantStatus,
     load_status,
@@ -30,30 +31,50 @@ from khod_client._events import (
 )
 
 ME = "vm-1"
-_clock = iter(range(1, 1_000_000))
+_seq = iter(range(1, 1_000_000))
 
 
-def status(
+def signal(
     state: str,
     hid: str | None = "h1",
     *,
-    expected: tuple[str, ...] = (ME, "other"),
-    may_freeze: tuple[str, ...] = (),
     abort_reason: str | None = None,
-    left_out: tuple[str, ...] = (),
     side: str = "outgoing",
-    updated_at: float | None = None,
-) -> HandoverStatus:
-    return HandoverStatus.model_validate(
+    seq: int | None = None,
+    epoch: str = "e1",
+) -> HandoverSignal:
+    return HandoverSignal.model_validate(
         {
+            "seq": next(_seq) if seq is None else seq,
+            "epoch": epoch,
             "side": side,
             "id": hid,
             "state": state,
-            "expected": list(expected),
-            "may_freeze": list(may_freeze),
             "abort_reason": abort_reason,
-            "left_out": list(left_out),
-            "updated_at": float(next(_clock)) if updated_at is None else updated_at,
+            "updated_at": 1.0,
+        }
+    )
+
+
+def me(
+    state: str = "preparing",
+    hid: str | None = "h1",
+    *,
+    may_freeze: bool | None = None,
+    seq: int | None = None,
+    name: str = ME,
+) -> ParticipantStatus:
+    return ParticipantStatus.model_validate(
+        {
+            "seq": next(_seq) if seq is None else seq,
+            "epoch": "e1",
+            "name": name,
+            "state": state,
+            "compatible": "test,vm-v1",
+            "instance": 1,
+            "handover_id": hid,
+            "may_freeze": may_freeze,
+            "updated_at": 1.0,
         }
     )
 
@@ -62,121 +83,155 @@ def kinds(events: list[Any]) -> list[str]:
     return [type(e).__name__ for e in events]
 
 
+def taking_part(t: Tracker, state: str = "preparing", hid: str = "h1") -> list[Any]:
+    """The participant's own state names ``hid``, then the broadcast shows it running."""
+    return [*t.observe_state(me("preparing", hid)), *t.observe(signal(state, hid))]
+
+
 # -- the tracker ---------------------------------------------------------------
 
 
 def test_a_whole_handover_gives_began_then_may_freeze_once() -> None:
     t = Tracker(ME)
-    assert t.observe(status("idle", None)) == []
+    assert t.observe(signal("idle", None)) == []
     assert t.begun() is None
-    assert kinds(t.observe(status("preparing"))) == ["Began"]
+    assert kinds(taking_part(t)) == ["Began"]
     assert t.current == "h1" and t.begun() is not None
-    assert t.observe(status("preparing")) == []  # the same status again: nothing new
-    assert t.observe(status("freezing", may_freeze=("other",))) == []
+    assert t.observe(signal("freezing")) == []  # not serialized yet: no freeze
     assert not t.freeze_reached("h1")
-    events = t.observe(status("freezing", may_freeze=(ME,)))
+    events = t.observe_state(me("serialized"))
     assert kinds(events) == ["MayFreeze"] and t.freeze_reached("h1")
-    assert t.observe(status("freezing", may_freeze=(ME,))) == []  # once per handover
-    assert t.observe(status("frozen")) == []
-    assert t.observe(status("committed")) == []
+    assert t.observe_state(me("serialized")) == []  # once per handover
+    assert t.observe_state(me("frozen")) == []
+    assert t.observe(signal("frozen")) == []
+    assert t.observe(signal("committed")) == []
     assert t.committed == {"h1"} and not t.live and t.begun() is None
-    # After the commit, nothing is a cancel: not an idle, not a new handover.
-    assert kinds(t.observe(status("preparing", "h2", expected=("other",)))) == []
+    # After the commit, a new handover is not a cancel of the committed one.
+    assert kinds(t.observe(signal("preparing", "h2"))) == []
     assert t.cancelled == {}
+
+
+def test_serialized_before_the_freeze_signal_may_freeze_at_the_signal() -> None:
+    t = Tracker(ME)
+    taking_part(t)
+    assert t.observe_state(me("serialized")) == []
+    assert kinds(t.observe(signal("freezing"))) == ["MayFreeze"]
+
+
+def test_an_ordered_participant_waits_for_its_own_may_freeze() -> None:
+    t = Tracker(ME)
+    taking_part(t)
+    t.observe_state(me("serialized", may_freeze=False))
+    assert t.observe(signal("freezing")) == []
+    assert t.observe_state(me("serialized", may_freeze=False)) == []
+    assert kinds(t.observe_state(me("serialized", may_freeze=True))) == ["MayFreeze"]
 
 
 def test_abort_cancels_once_with_the_reason_then_a_new_handover_begins() -> None:
     t = Tracker(ME)
-    t.observe(status("preparing"))
-    events = t.observe(status("idle", abort_reason="operator abort: testing"))
+    taking_part(t)
+    events = t.observe(signal("idle", abort_reason="operator abort: testing"))
     assert events == [Cancelled("h1", "operator abort: testing")]
-    assert t.observe(status("idle", abort_reason="operator abort: testing")) == []
+    assert t.observe(signal("idle", abort_reason="operator abort: testing")) == []
     assert t.begun() is None
-    events = t.observe(status("preparing", "h2"))
-    assert kinds(events) == ["Began"] and t.current == "h2"
+    assert kinds(taking_part(t, hid="h2")) == ["Began"] and t.current == "h2"
 
 
 def test_aborting_state_is_a_cancel_too() -> None:
     t = Tracker(ME)
-    t.observe(status("freezing"))
-    assert t.observe(status("aborting", abort_reason="vm-2 failed: boom")) == [
+    taking_part(t, "freezing")
+    assert t.observe(signal("aborting", abort_reason="vm-2 failed: boom")) == [
         Cancelled("h1", "vm-2 failed: boom")
     ]
-    assert t.observe(status("idle", abort_reason="vm-2 failed: boom")) == []
+    assert t.observe(signal("idle", abort_reason="vm-2 failed: boom")) == []
 
 
 def test_an_abort_without_reason_still_cancels() -> None:
     t = Tracker(ME)
-    t.observe(status("preparing"))
-    [event] = t.observe(status("idle"))
+    taking_part(t)
+    [event] = t.observe(signal("idle"))
     assert isinstance(event, Cancelled) and "h1" in event.reason
 
 
 def test_a_missed_abort_is_seen_as_a_replaced_handover() -> None:
     t = Tracker(ME)
-    t.observe(status("preparing"))
-    events = t.observe(status("preparing", "h2"))
-    assert kinds(events) == ["Cancelled", "Began"]
+    taking_part(t)
+    events = t.observe(signal("preparing", "h2"))
+    assert kinds(events) == ["Cancelled"] and not t.live
     assert isinstance(events[0], Cancelled) and "replaced by handover h2" in events[0].reason
-    assert t.current == "h2"
-
-
-def test_a_new_handover_without_me_cancels_the_old_one_only() -> None:
-    t = Tracker(ME)
-    t.observe(status("preparing"))
-    events = t.observe(status("preparing", "h2", expected=("other",)))
-    assert kinds(events) == ["Cancelled"] and t.current == "h1" and not t.live
+    assert kinds(t.observe_state(me("preparing", "h2"))) == ["Began"] and t.current == "h2"
 
 
 def test_left_out_by_a_forced_freeze_is_a_cancel() -> None:
     t = Tracker(ME)
-    t.observe(status("preparing"))
-    events = t.observe(status("freezing", expected=("other",), left_out=(ME,)))
+    taking_part(t)
+    t.observe(signal("freezing"))
+    events = t.observe_state(me("registered", None))
     assert kinds(events) == ["Cancelled"]
     assert isinstance(events[0], Cancelled) and "forced freeze" in events[0].reason
 
 
 def test_a_handover_without_me_is_ignored() -> None:
     t = Tracker(ME)
-    assert t.observe(status("preparing", expected=("other",))) == []
-    assert t.observe(status("freezing", expected=("other",), may_freeze=("other",))) == []
-    assert t.observe(status("idle", abort_reason="x")) == []
+    t.observe_state(me("registered", None))
+    assert t.observe(signal("preparing")) == []
+    assert t.observe(signal("freezing")) == []
+    assert t.observe(signal("idle", abort_reason="x")) == []
     assert t.current is None and t.cancelled == {}
 
 
-def test_joining_while_freezing_and_allowed_gives_both_events() -> None:
+def test_joining_while_freezing_gives_both_events() -> None:
     t = Tracker(ME)
-    assert kinds(t.observe(status("freezing", may_freeze=(ME,)))) == ["Began", "MayFreeze"]
+    t.observe(signal("freezing"))
+    assert kinds(t.observe_state(me("serialized"))) == ["Began", "MayFreeze"]
 
 
-def test_a_stale_status_from_a_reply_is_ignored_but_a_retained_one_is_not() -> None:
+def test_an_older_status_is_ignored_whatever_its_source() -> None:
     t = Tracker(ME)
-    old = status("preparing", updated_at=10.0)
-    t.observe(status("idle", "h0", updated_at=20.0))
-    assert t.observe(old, from_reply=True) == []
-    assert t.latest is not None and t.latest.id == "h0"
-    # Retained messages arrive in order: applied even if the clock went back.
-    assert kinds(t.observe(old)) == ["Began"]
+    taking_part(t, "freezing")
+    # A persistent broker replays the idle status of before the handover.
+    assert t.observe(signal("idle", None, seq=1)) == []
+    assert t.live and t.latest is not None and t.latest.state == "freezing"
+    assert t.observe_state(me("registered", None, seq=1)) == []
+    assert t.me is not None and t.me.handover_id == "h1"
 
 
-def test_a_fresh_status_from_a_reply_counts() -> None:
+def test_a_committed_handover_is_never_cancelled_by_a_stale_status() -> None:
     t = Tracker(ME)
-    t.observe(status("idle", None, updated_at=1.0))
-    assert kinds(t.observe(status("preparing", updated_at=2.0), from_reply=True)) == ["Began"]
+    taking_part(t)
+    t.observe(signal("committed"))
+    assert t.observe(signal("idle", "h1", abort_reason="old", seq=2)) == []
+    assert t.committed == {"h1"} and t.cancelled == {}
+
+
+def test_a_withdrawn_payload_thaws_the_participant() -> None:
+    t = Tracker(ME)
+    taking_part(t)
+    t.observe(signal("committed"))
+    events = t.observe(signal("idle", "h1", abort_reason="payload withdrawn: kexec postponed"))
+    assert events == [Cancelled("h1", "payload withdrawn: kexec postponed")]
+
+
+def test_another_epoch_starts_the_numbers_again() -> None:
+    t = Tracker(ME)
+    taking_part(t)
+    assert kinds(t.observe(signal("idle", abort_reason="state lost", seq=1, epoch="e2"))) == [
+        "Cancelled"
+    ]
 
 
 def test_the_incoming_side_gives_no_outgoing_events() -> None:
     t = Tracker(ME)
-    t.observe(status("preparing"))
-    assert t.observe(status("restoring", side="incoming", expected=(ME,))) == []
+    taking_part(t)
+    assert t.observe(signal("restoring", side="incoming")) == []
     assert t.latest is not None and t.latest.side == "incoming"
     assert t.begun() is None
 
 
 def test_freeze_reached_after_the_freeze_even_if_may_freeze_was_missed() -> None:
     t = Tracker(ME)
-    t.observe(status("preparing"))
-    t.observe(status("assembled"))  # reconnected late: everyone already froze
+    taking_part(t)
+    t.observe(signal("assembled"))  # reconnected late: everyone already froze
     assert t.freeze_reached("h1")
 
 
@@ -184,35 +239,38 @@ _ids = st.sampled_from(["h1", "h2", "h3"])
 _states = st.sampled_from(
     ["idle", "preparing", "freezing", "frozen", "assembled", "committed", "aborting"]
 )
-_statuses = st.builds(
-    lambda hid, state, me_in, me_may, reason: status(
-        state,
-        hid,
-        expected=(ME,) if me_in else ("other",),
-        may_freeze=(ME,) if me_may else (),
-        abort_reason=reason,
+_mine = st.sampled_from(["registered", "preparing", "serialized", "frozen"])
+_steps = st.one_of(
+    st.builds(lambda hid, state: ("signal", hid, state, None), _ids, _states),
+    st.builds(
+        lambda hid, state, may: ("me", hid, state, may),
+        st.one_of(st.none(), _ids),
+        _mine,
+        st.sampled_from([None, False, True]),
     ),
-    _ids,
-    _states,
-    st.booleans(),
-    st.booleans(),
-    st.sampled_from([None, "because"]),
 )
 
 
-@given(st.lists(_statuses, max_size=30))
-def test_events_never_repeat_and_follow_a_begin(seq: list[HandoverStatus]) -> None:
+@given(st.lists(_steps, max_size=30))
+def test_events_never_repeat_and_follow_a_begin(steps: list[tuple[Any, ...]]) -> None:
     t = Tracker(ME)
     began: list[str] = []
     freezes: list[str] = []
     cancels: list[str] = []
-    for s in seq:
-        for e in t.observe(s):
+    for kind, hid, state, may in steps:
+        if kind == "signal":
+            events = t.observe(signal(state, hid))
+        else:
+            events = t.observe_state(me(state, hid, may_freeze=may))
+        for e in events:
             if isinstance(e, Began):
-                assert e.status.id is not None and ME in e.status.expected
+                assert e.status.id is not None and t.me is not None
+                assert t.me.handover_id == e.status.id
                 began.append(e.status.id)
             elif isinstance(e, MayFreeze):
                 assert e.status.id in began and e.status.id not in cancels
+                assert t.me is not None and t.me.state == "serialized"
+                assert t.me.may_freeze is not False
                 freezes.append(str(e.status.id))
             else:
                 assert e.handover_id in began and e.handover_id not in t.committed
@@ -274,7 +332,7 @@ def test_reply_data_and_error_replies() -> None:
 
 def test_statuses_parse_leniently() -> None:
     assert parse_status(HandoverStatus, b"") is None
-    s = status("preparing").model_dump()
+    s = signal("preparing").model_dump()
     s["added_in_a_later_version"] = True
     parsed = parse_status(HandoverStatus, json.dumps(s).encode())
     assert parsed is not None and parsed.state == "preparing"

@@ -1,0 +1,129 @@
+"""The broker client's edges (issue 8): refusals are reported as such (item 3),
+expected disconnects make no noise (item 13)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+from typing import Any
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from khod.errors import BrokerRefused, NotAuthorized
+from khod.transport import PAHO_LOG, BrokerURL, Connection, _Client, refusal
+
+
+@pytest.mark.parametrize("callback", ["open", "register_write"])
+async def test_a_socket_closed_before_it_is_watched_logs_nothing(callback: str) -> None:
+    """The broker drops the connection between paho's request and asyncio's registration.
+
+    aiomqtt registers the reader and writer later, through
+    call_soon_threadsafe; paho has closed the socket by then, and asyncio
+    used to log "Exception in callback ... KeyError: '10 is not registered'"
+    with a traceback.
+    """
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    client = _Client("127.0.0.1", 1)  # never connected: only its socket callbacks run
+    paho = client._client
+    ours, theirs = socket.socketpair()
+    try:
+        paho._sock = ours
+        if callback == "open":
+            client._on_socket_open(paho, None, ours)
+        else:
+            client._on_socket_register_write(paho, None, ours)
+        # What paho's _sock_close() does when it reads the broker's reset,
+        # before the loop runs the registration.
+        paho._sock = None
+        client._on_socket_unregister_write(paho, None, ours)
+        ours.close()
+        for _ in range(3):
+            await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+        theirs.close()
+        if client._misc_task is not None:
+            await client._misc_task  # ends by itself: no connection
+    assert errors == []
+
+
+@pytest.mark.parametrize(
+    ("level", "shown"), [(logging.INFO, False), (logging.DEBUG, True)], ids=["info", "debug"]
+)
+def test_paho_reporting_a_dropped_connection_is_not_an_error(
+    caplog: pytest.LogCaptureFixture, level: int, shown: bool
+) -> None:
+    caplog.set_level(level, logger=PAHO_LOG.name)
+    PAHO_LOG.error("failed to receive on socket: %s", "[Errno 104] Connection reset by peer")
+    PAHO_LOG.error("Caught exception in on_message: boom")  # a real error stays one
+    records = [(r.levelname, r.getMessage()) for r in caplog.records]
+    expected = [("ERROR", "Caught exception in on_message: boom")]
+    if shown:
+        expected.insert(
+            0, ("DEBUG", "failed to receive on socket: [Errno 104] Connection reset by peer")
+        )
+    assert records == expected
+
+
+def test_refusal_codes_map_to_not_authorized_or_broker_refused() -> None:
+    url = BrokerURL.parse("mqtt://operator:secret@127.0.0.1:1883")
+    cases = [
+        (PacketTypes.CONNACK, 0x86, NotAuthorized),
+        (PacketTypes.PUBACK, 0x87, NotAuthorized),
+        (PacketTypes.PUBACK, 0x97, BrokerRefused),
+    ]
+    for packet, code, kind in cases:
+        err = refusal("it", url, ReasonCode(packet, identifier=code))
+        assert type(err) is kind and err.reason_code == code
+        assert f"(0x{code:02X})" in str(err) and "secret" not in str(err)
+    assert str(refusal("x", url, 0x87)).startswith("not authorized: ")
+
+
+async def test_a_refused_subscription_is_raised_at_once_not_waited_out() -> None:
+    """mosquitto's file ACL grants subscriptions and filters delivery; other brokers refuse."""
+    conn = Connection(BrokerURL.parse("unix:///nonexistent"), identifier="khod-test")
+    conn._check_suback("khod/v1/h/handover", [ReasonCode(PacketTypes.SUBACK, identifier=0x00)])
+    assert conn.refusal is None
+    conn._check_suback("khod/v1/h/handover", [ReasonCode(PacketTypes.SUBACK, identifier=0x87)])
+    with pytest.raises(NotAuthorized, match="subscription to khod/v1/h/handover"):
+        await conn.wait_connected(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"content_type": "application/json"},
+        {
+            "content_type": "application/x-dtb",
+            "response_topic": "khod/v1/h/p/a/reply",
+            "correlation": b"\x00\x01",
+            "expiry": 29.2,
+        },
+        {"correlation": b"", "expiry": 0.1},
+    ],
+)
+def test_fast_publish_properties_pack_as_pahos_own(kw: dict[str, Any]) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from khod.transport import properties
+
+    slow = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if "expiry" in kw:
+        slow.MessageExpiryInterval = max(1, math.ceil(kw["expiry"]))
+    if kw.get("content_type"):
+        slow.ContentType = kw["content_type"]
+    if kw.get("response_topic"):
+        slow.ResponseTopic = kw["response_topic"]
+    if "correlation" in kw:
+        slow.CorrelationData = kw["correlation"]
+    fast = properties(**kw)
+    assert fast.pack() == slow.pack()
+    assert properties().pack() == b"\x00"  # the template stays empty
