@@ -9,6 +9,7 @@ QoS 1 publish; the daemon sends a batch's publishes together.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from pydantic import BaseModel
@@ -22,9 +23,12 @@ from khod.protocol import (
     Topics,
     encode,
 )
+from khod.transport import Publication
 
 
 class Publisher(Protocol):
+    async def publish_many(self, messages: Sequence[Publication], *, wait: bool = True) -> int: ...
+
     async def publish(
         self,
         topic: str,
@@ -64,3 +68,31 @@ class Announcer:
 
     async def reply(self, topic: str, body: bytes, ctype: str, correlation: bytes | None) -> None:
         await self.pub.publish(topic, body, content_type=ctype, correlation=correlation)
+
+    # -- batches: built first, then sent together (one wait for all PUBACKs) --
+
+    def retained(self, topic: str, model: BaseModel | None) -> Publication:
+        body = b"" if model is None else encode(model)
+        return Publication(topic, body, retain=True, content_type=JSON)
+
+    def signal_of(self, signal: HandoverSignal) -> Publication:
+        return self.retained(self.topics.handover, signal)
+
+    def state_of(self, name: str, status: ParticipantStatus | None) -> Publication:
+        return self.retained(self.topics.state(name), status)
+
+    def daemon_of(self, status: DaemonStatus) -> Publication:
+        return self.retained(self.topics.daemon, status)
+
+    @staticmethod
+    def reply_of(topic: str, body: bytes, ctype: str, correlation: bytes | None) -> Publication:
+        return Publication(topic, body, content_type=ctype, correlation=correlation)
+
+    async def send(self, messages: Sequence[Publication]) -> None:
+        """Queue a batch, in order; the PUBACKs are checked in the background.
+
+        What is sent here is durable already and published again after any
+        reconnect; a reply lost with the connection is asked for again by
+        its client and answered from the reply cache.
+        """
+        await self.pub.publish_many(messages, wait=False)

@@ -92,6 +92,7 @@ from khod.status import (
     participant_status,
 )
 from khod.store import Store
+from khod.transport import Publication
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,8 @@ class Batch:
     signal: bool = False
     daemon: bool = False
     replies: list[tuple[str, bytes, str, bytes | None, Key | None]] = field(default_factory=list)
-    #: participants whose one change is their own freeze (see Daemon._flush)
-    froze: set[str] = field(default_factory=set)
+    #: participants that sent a request in this batch (see Daemon._flush)
+    asked: set[str] = field(default_factory=set)
     commit: bool = False
     done: list[asyncio.Future[None]] = field(default_factory=list)
 
@@ -182,7 +183,7 @@ class Daemon:
         #: replies held until the commit is over: (response topic, correlation, key, name)
         self._after_commit: list[tuple[str, bytes | None, Key | None, str]] = []
         self._hold_reply = False
-        #: participants whose frozen state waits for the end of the blackout
+        #: participants whose own state waits for the end of the blackout
         self._held_states: set[str] = set()
         #: keys of requests queued or waiting for the commit, not answered yet
         self._inflight: set[Key] = set()
@@ -379,8 +380,6 @@ class Daemon:
             self.fragments.pop(name, None)
             batch.writes.append(lambda s, n=name: s.delete_fragment(n))  # type: ignore[misc]
         for t in changes.transitions:
-            if t.event == "freeze" and t.subject in out.participants:
-                batch.froze.add(t.subject)
             batch.writes.append(
                 lambda s, t=t: s.record_transition(  # type: ignore[misc]
                     t.subject, t.event, t.from_state, t.to_state, detail=t.detail
@@ -394,6 +393,7 @@ class Daemon:
 
     async def _flush(self, batch: Batch) -> None:
         """Make the batch durable (one transaction, off the event loop), then announce it."""
+        began = time.monotonic()
         for _, body, ctype, _, key in batch.replies:
             # Raw fragments are not kept on disk: retrieve is idempotent anyway.
             if key is not None and ctype != DTB:
@@ -424,29 +424,42 @@ class Daemon:
                 self._inflight.discard(key)
         # In order: the daemon, the signal, the states, then the replies that
         # caused them; sent together, acknowledged together.
-        sends: list[Awaitable[object]] = []
+        a = self.announce
+        sends: list[Publication] = []
         if batch.daemon:
-            sends.append(self.announce.daemon(self.daemon_status("online")))
+            sends.append(a.daemon_of(self.daemon_status("online")))
         if batch.signal:
-            sends.append(self.announce.signal(self.handover_signal()))
-        # Inside the blackout, a participant's own "frozen" is news to nobody
-        # on the critical path (its reply says it; monitors see the counts on
-        # progress): held until the commit or the abort, it does not cost every
-        # participant one more message while the others are still freezing.
+            sends.append(a.signal_of(self.handover_signal()))
+        # Inside the blackout, a participant's own new state (serialized,
+        # frozen) is news to nobody on the critical path: its reply says it,
+        # monitors see the counts on progress. Held until the commit or the
+        # abort, it does not cost each participant one more message while the
+        # others freeze. A change another caused (may_freeze, left out) is a
+        # signal to that participant: it goes at once.
         blackout = self.inc is None and self.out.handover.state in BLACKOUT
         names = list(batch.participants)
         if blackout:
-            held = batch.froze.intersection(names)
+            held = batch.asked.intersection(names)
             self._held_states |= held
             names = [n for n in names if n not in held]
         else:
             names += [n for n in sorted(self._held_states) if n not in batch.participants]
             self._held_states.clear()
         for name in names:
-            sends.append(self.announce.participant(name, self.participant_status(name)))
+            sends.append(a.state_of(name, self.participant_status(name)))
         for topic, body, ctype, correlation, _ in batch.replies:
-            sends.append(self.announce.reply(topic, body, ctype, correlation))
-        await asyncio.gather(*sends)
+            sends.append(a.reply_of(topic, body, ctype, correlation))
+        written = time.monotonic()
+        await a.send(sends)
+        log.debug(
+            "batch: %d replies, %d writes durable in %.1f ms, %d publishes queued in %.1f ms (%s)",
+            len(batch.replies),
+            len(batch.writes),
+            (written - began) * 1e3,
+            len(sends),
+            (time.monotonic() - written) * 1e3,
+            self.out.handover.state,
+        )
 
     # -- what is shown -------------------------------------------------------
 
@@ -558,6 +571,8 @@ class Daemon:
 
         async def execute(batch: Batch) -> None:
             self._hold_reply = False
+            if name is not None:
+                batch.asked.add(name)
             if name is None and op == ControlOp.ABORT and self._committed():
                 body, ctype = await self._withdraw(payload)
             else:
@@ -676,7 +691,12 @@ class Daemon:
         sha = info.sha256_hex
         assert self._batch is not None
         self._batch.writes.append(lambda s: s.put_fragment(name, blob, sha))
-        data = {"size": info.size, "sha256": sha, "handover": self._signal()}
+        data = {
+            "size": info.size,
+            "sha256": sha,
+            "participant": self._dump(name),
+            "handover": self._signal(),
+        }
         return _ok(ParticipantOp.FRAGMENT, data), JSON
 
     def _revise(self, name: str, req: Request) -> dict[str, Any]:

@@ -44,6 +44,21 @@ from khod.errors import BrokerRefused, ConfigError, NotAuthorized, RequestTimeou
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Publication:
+    """One message of ``Connection.publish_many``."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    content_type: str | None = None
+    correlation: bytes | None = None
+
+
+#: QoS 1 publishes of one connection that may wait for their PUBACK at once.
+MAX_INFLIGHT = 4096
+
 MessageHandler = Callable[[aiomqtt.Message], Awaitable[None]]
 ConnectHandler = Callable[[], Awaitable[None]]
 
@@ -384,6 +399,20 @@ class _Client(aiomqtt.Client):
             fut.set_result(reason_code)
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
+    def publish_nowait(
+        self, topic: str, payload: bytes, *, retain: bool, properties: Properties
+    ) -> asyncio.Future[ReasonCode]:
+        """Queue a QoS 1 publish now; the future is its PUBACK's reason code.
+
+        The caller must pop ``_acks`` of futures it stops waiting for.
+        """
+        info = self._client.publish(topic, payload, 1, retain, properties)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        fut: asyncio.Future[ReasonCode] = asyncio.get_running_loop().create_future()
+        self._acks[info.mid] = fut
+        return fut
+
     async def publish_acked(
         self, topic: str, payload: bytes, *, retain: bool, properties: Properties
     ) -> ReasonCode:
@@ -466,6 +495,7 @@ class Connection:
         self._wake = asyncio.Event()
         self._pending: dict[bytes, asyncio.Future[aiomqtt.Message]] = {}
         self.reply_topic: str | None = None
+        self._background: set[asyncio.Task[int]] = set()
 
     @property
     def connected(self) -> bool:
@@ -501,6 +531,11 @@ class Connection:
             clean_start=not self.session_expiry,
             properties=connect_props,
             queue_type=queue_type,
+            # paho's default lets 20 QoS 1 publishes wait for their PUBACK and
+            # queues the rest: the daemon answering a burst of 1,000 requests
+            # would pay 50 round trips. The broker sets no limit of its own
+            # (max_inflight_messages 0 in its config).
+            max_inflight_messages=MAX_INFLIGHT,
         )
 
     async def run(self) -> None:
@@ -613,6 +648,75 @@ class Connection:
             return False
         return code is not None
 
+    async def publish_many(self, messages: Sequence[Publication], *, wait: bool = True) -> int:
+        """Publish each at QoS 1, in order, and wait for all their PUBACKs at once.
+
+        For a batch of replies and states: queued together, they cost one
+        wait instead of one task and one wait each. Returns how many were
+        accepted; a refused or undeliverable one is logged, never raised.
+        ``wait=False`` returns once they are queued (how many) and checks the
+        PUBACKs in the background: for a sender that made its state durable
+        before publishing and publishes it again after a reconnect, a broker
+        slow to acknowledge must not hold up what it does next.
+        """
+        client = self._client
+        if client is None or not messages:
+            return 0
+        futs = self._queue_all(client, messages)
+        if not wait:
+            task = asyncio.create_task(self._acknowledged(client, futs), name="acks")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return len(futs)
+        return await self._acknowledged(client, futs)
+
+    def _queue_all(
+        self, client: _Client, messages: Sequence[Publication]
+    ) -> list[tuple[str, asyncio.Future[ReasonCode]]]:
+        futs = []
+        for m in messages:
+            props = properties(content_type=m.content_type, correlation=m.correlation)
+            try:
+                fut = client.publish_nowait(m.topic, m.payload, retain=m.retain, properties=props)
+            except (aiomqtt.MqttError, ValueError) as exc:
+                log.info("%s: publish to %s failed: %s", self.identifier, m.topic, exc)
+                continue
+            futs.append((m.topic, fut))
+        return futs
+
+    async def _acknowledged(
+        self, client: _Client, futs: list[tuple[str, asyncio.Future[ReasonCode]]]
+    ) -> int:
+        if not futs:
+            return 0
+        acked = asyncio.gather(*(f for _, f in futs))
+        lost = getattr(client, "_disconnected", None)
+        if not isinstance(lost, asyncio.Future):
+            lost = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait({acked, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not acked.done():
+                acked.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acked
+            for mid, fut in list(client._acks.items()):
+                if fut.done():
+                    client._acks.pop(mid, None)
+        if acked.cancelled():
+            log.info("%s: %d publishes lost with the connection", self.identifier, len(futs))
+            return 0
+        ok = 0
+        for topic, fut in futs:
+            code = fut.result()
+            if code.is_failure:
+                log.warning(
+                    "%s: %s", self.identifier, refusal(f"a publish to {topic}", self.url, code)
+                )
+            else:
+                ok += 1
+        return ok
+
     async def _send(
         self,
         topic: str,
@@ -688,27 +792,51 @@ class Connection:
                 left = end - loop.time()
                 if left <= 0:
                     raise RequestTimeout(f"no reply to {topic} within {timeout:g}s")
-                with contextlib.suppress(RequestTimeout):
-                    await self.wait_connected(min(left, retry_every))
-                    if self.refusal is not None:
-                        raise self.refusal  # e.g. the reply topic: no reply could arrive
-                    # A request nobody waits for any more must not be queued
-                    # for a daemon that comes back later, and then executed.
-                    code = await self._send(
-                        topic,
-                        payload,
-                        retain=False,
-                        content_type=content_type,
-                        response_topic=self.reply_topic,
-                        correlation=correlation,
-                        expiry=left,
+                if not self.connected:
+                    with contextlib.suppress(RequestTimeout):
+                        await self.wait_connected(min(left, retry_every))
+                    continue
+                if self.refusal is not None:
+                    raise self.refusal  # e.g. the reply topic: no reply could arrive
+                client = self._client
+                if client is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                # A request nobody waits for any more must not be queued for
+                # a daemon that comes back later, and then executed.
+                props = properties(
+                    content_type=content_type,
+                    response_topic=self.reply_topic,
+                    correlation=correlation,
+                    expiry=left,
+                )
+                try:
+                    ack = client.publish_nowait(topic, payload, retain=False, properties=props)
+                except (aiomqtt.MqttError, ValueError) as exc:
+                    log.info("%s: publish to %s failed: %s", self.identifier, topic, exc)
+                    await asyncio.sleep(min(retry_every, left))  # then again, or time out
+                    continue
+                # No task per request: wait on the futures themselves, for the
+                # reply, a refusing PUBACK, or the connection's end, until the
+                # next re-send is due.
+                lost = getattr(client, "_disconnected", None)
+                waiting: set[asyncio.Future[Any]] = {fut, ack}
+                if isinstance(lost, asyncio.Future):
+                    waiting.add(lost)
+                due = loop.time() + min(retry_every, max(end - loop.time(), 0.001))
+                while not fut.done() and loop.time() < due:
+                    await asyncio.wait(
+                        waiting, timeout=due - loop.time(), return_when=asyncio.FIRST_COMPLETED
                     )
-                    if code is not None and code.is_failure:
-                        raise refusal(f"a publish to {topic}", self.url, code)
-                with contextlib.suppress(TimeoutError):
-                    return await asyncio.wait_for(
-                        asyncio.shield(fut), min(retry_every, max(end - loop.time(), 0.001))
-                    )
+                    if ack in waiting and ack.done():
+                        waiting.discard(ack)
+                        code = None if ack.cancelled() else ack.result()
+                        if code is not None and code.is_failure:
+                            raise refusal(f"a publish to {topic}", self.url, code)
+                    if lost is not None and lost in waiting and lost.done():
+                        break  # re-sent once the connection is back
+                if fut.done():
+                    return fut.result()
         finally:
             self._pending.pop(correlation, None)
 

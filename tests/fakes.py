@@ -7,7 +7,10 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from khod.daemon import Daemon
+    from khod.transport import Publication
 
 
 class Recorder:
@@ -19,6 +22,17 @@ class Recorder:
     async def publish(self, topic: str, payload: bytes, **kw: Any) -> bool:
         self.sent.append((topic, payload, kw))
         return True
+
+    async def publish_many(self, messages: Sequence[Publication], *, wait: bool = True) -> int:
+        for m in messages:
+            await self.publish(
+                m.topic,
+                m.payload,
+                retain=m.retain,
+                content_type=m.content_type,
+                correlation=m.correlation,
+            )
+        return len(messages)
 
 
 _workers: weakref.WeakKeyDictionary[Daemon, asyncio.Task[None]] = weakref.WeakKeyDictionary()
