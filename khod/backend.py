@@ -2,9 +2,11 @@
 
 ``dir`` writes the image and its manifest atomically (a crash never leaves a
 partial image under the final name). ``exec`` does the same, then runs the
-operator's command on the image (the host's kexec step). ``luo`` needs
-``/dev/liveupdate`` (Linux 6.19+); it is refused at start-up when the device
-is missing, rather than failing at the worst moment, the commit.
+operator's command on the image (the host's kexec step). ``luo`` puts the
+image in a memfd preserved in khod's LUO session (see ``khod.luo_handoff``)
+and writes the manifest beside where a ``dir`` image would be; ``khod run``
+opens ``/dev/liveupdate`` at start-up, so a host without it is refused then,
+rather than at the worst moment, the commit.
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ from typing import Any
 from khod.atomicfile import atomic_write, atomic_write_json
 from khod.config import Settings
 from khod.errors import CommitError, ConfigError, KhodError, WithdrawError
+from khod.luo_handoff import LuoHandoff, session_name
 
-LUO_DEVICE = Path("/dev/liveupdate")
+#: the LUO hand-off of this process, for backend "luo" (``khod run`` opens it)
+_luo: LuoHandoff | None = None
+
+
+def use_luo(handoff: LuoHandoff | None) -> None:
+    global _luo
+    _luo = handoff
 
 
 def check_backend(settings: Settings) -> None:
@@ -28,10 +37,7 @@ def check_backend(settings: Settings) -> None:
     if settings.backend == "exec" and not settings.exec_command:
         raise ConfigError("backend 'exec' needs exec_command (argv, '{image}' is the image path)")
     if settings.backend == "luo":
-        raise ConfigError(
-            f"backend 'luo' needs {LUO_DEVICE} (Linux 6.19+ with CONFIG_LIVEUPDATE); "
-            "this build of khod does not drive LUO sessions yet: use 'dir' or 'exec'"
-        )
+        session_name(settings.host_id)
 
 
 def manifest_path(image: Path) -> Path:
@@ -63,14 +69,20 @@ async def _commit(
     settings: Settings, path: Path, image: bytes, manifest: dict[str, Any], timeout: float
 ) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
+    where: dict[str, Any] = {"path": str(path)}
     # The image first: a manifest never describes an image that is not there.
-    await asyncio.to_thread(atomic_write, path, image)
+    if settings.backend == "luo":
+        if _luo is None:
+            raise CommitError("backend 'luo': /dev/liveupdate is not open in this process")
+        where = _luo.preserve(image)
+    else:
+        await asyncio.to_thread(atomic_write, path, image)
     await asyncio.to_thread(atomic_write_json, manifest_path(path), manifest)
     if settings.backend == "exec":
         await _run(settings.exec_command, path, timeout)
     return {
         "backend": settings.backend,
-        "path": str(path),
+        **where,
         "size": len(image),
         # The root holds every fragment's sha256: its hash vouches for the image
         # without reading every fragment again inside the blackout.
@@ -125,5 +137,7 @@ async def withdraw_committed(settings: Settings, *, timeout: float) -> None:
 
 
 def withdraw(image: Path) -> None:
+    if _luo is not None:
+        _luo.withdraw()
     for p in (image, manifest_path(image)):
         p.unlink(missing_ok=True)

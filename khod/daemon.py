@@ -191,17 +191,19 @@ class Daemon:
 
     # -- start-up ------------------------------------------------------------
 
-    def load_incoming(self, explicit: Path | None) -> None:
+    def load_incoming(self, explicit: Path | None, *, handed_over: Path | None = None) -> None:
         """Decide whether this boot restores a payload, and load it.
 
         With ``--restore`` a bad image is a ConfigError (the operator asked
-        for it). Found by itself after a kexec, a missing or corrupt image is
-        logged and recorded, and the daemon starts on the outgoing side:
-        a host must never be stuck unable to begin its next handover.
+        for it). Found by itself after a kexec (``handed_over``: the image
+        the kernel carried, e.g. retrieved from a LUO session), a missing or
+        corrupt image is logged and recorded, and the daemon starts on the
+        outgoing side: a host must never be stuck unable to begin its next
+        handover.
         """
         rec = self.store.load_restore()
         h = self.out.handover
-        path = explicit or (Path(rec["image"]) if rec is not None else None)
+        path = explicit or (Path(rec["image"]) if rec is not None else None) or handed_over
         if path is None and h.state is HandoverState.COMMITTED:
             if self.store.get_meta("boot_id") == boot_id():
                 return  # the same boot: the kexec has not happened yet

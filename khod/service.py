@@ -22,11 +22,12 @@ from typing import IO
 
 import aiomqtt
 
-from khod import __version__, backend, sdnotify
+from khod import __version__, backend, luo_service, sdnotify
 from khod.atomicfile import remove_stale_temps
 from khod.config import Settings, load_settings
 from khod.daemon import Daemon
 from khod.errors import ConfigError, KhodError
+from khod.luo_handoff import LuoHandoff
 from khod.protocol import JSON, DaemonStatus, Topics, encode
 from khod.store import Store
 from khod.transport import Connection, message_props, properties
@@ -72,15 +73,26 @@ async def serve(settings: Settings, *, restore: Path | None = None) -> int:
         [settings.payload_path, backend.manifest_path(settings.payload_path)]
     ):
         log.info("removed %s, left by an interrupted write", path)
-    store = Store(settings.state_dir)
     try:
-        return await _serve(settings, store, restore)
+        handoff = luo_service.open_luo(settings)
+    except BaseException:
+        lock.close()
+        raise
+    store = Store(settings.state_dir)
+    backend.use_luo(handoff)
+    try:
+        return await _serve(settings, store, restore, handoff)
     finally:
+        backend.use_luo(None)
+        if handoff is not None:
+            handoff.close()
         store.close()
         lock.close()
 
 
-async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
+async def _serve(
+    settings: Settings, store: Store, restore: Path | None, handoff: LuoHandoff | None
+) -> int:
     topics = Topics(settings.host_id)
     offline = encode(DaemonStatus(version=__version__, state="offline"))
     url = settings.broker_url
@@ -113,7 +125,7 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
         # Changes whenever the connection drops or comes back.
         epoch=lambda: conn.connects if conn.connected else -1,
     )
-    daemon.load_incoming(restore)
+    luo_service.load_incoming(daemon, handoff, restore)
 
     async def on_message(m: aiomqtt.Message) -> None:
         await daemon.handle(m.topic.value, m.payload, message_props(m), retain=m.retain)
@@ -132,6 +144,9 @@ async def _serve(settings: Settings, store: Store, restore: Path | None) -> int:
             tg.create_task(conn.run(), name="bus"),
             tg.create_task(_deadlines(daemon), name="deadlines"),
         ]
+        if handoff is not None:
+            finish = luo_service.finish_when_released(daemon, handoff)
+            tasks.append(tg.create_task(finish, name="luo"))
         await daemon.resume()
         with contextlib.suppress(KhodError):
             await conn.wait_connected(30)
