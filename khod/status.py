@@ -7,82 +7,79 @@ detailed views for monitors and operators.
 
 from __future__ import annotations
 
+from typing import Any
+
 from khod.handover import Outgoing, Participant
 from khod.protocol import HandoverSignal, HandoverStatus, ParticipantStatus, Registration
 from khod.restore import Incoming
 
 
-def outgoing_signal(out: Outgoing, *, epoch: str, now: float) -> HandoverSignal:
+def _outgoing(out: Outgoing, *, epoch: str, now: float) -> dict[str, Any]:
+    """What the signal and the detailed status say alike, outgoing."""
     h = out.handover
-    return HandoverSignal(
-        seq=h.seq,
-        epoch=epoch,
-        side="outgoing",
-        id=h.id,
-        state=str(h.state),
-        deadline=h.deadline,
-        abort_reason=h.abort_reason,
-        began_at=h.began_at,
-        freeze_at=h.freeze_at,
-        committed_at=h.committed_at,
-        payload=h.payload,
-        updated_at=now,
-    )
+    return {
+        "seq": h.seq,
+        "epoch": epoch,
+        "side": "outgoing",
+        "id": h.id,
+        "state": str(h.state),
+        "deadline": h.deadline,
+        "abort_reason": h.abort_reason,
+        "began_at": h.began_at,
+        "freeze_at": h.freeze_at,
+        "committed_at": h.committed_at,
+        "payload": h.payload,
+        "updated_at": now,
+    }
+
+
+def _incoming(inc: Incoming, *, epoch: str, now: float) -> dict[str, Any]:
+    """What the signal and the detailed status say alike, incoming."""
+    return {
+        "seq": inc.seq,
+        "epoch": epoch,
+        "side": "incoming",
+        "id": inc.handover_id,
+        "state": str(inc.state),
+        "deadline": inc.deadline,
+        "began_at": inc.started_at,
+        "released_at": inc.released_at,
+        "updated_at": now,
+    }
+
+
+def outgoing_signal(out: Outgoing, *, epoch: str, now: float) -> HandoverSignal:
+    return HandoverSignal.model_validate(_outgoing(out, epoch=epoch, now=now))
 
 
 def incoming_signal(inc: Incoming, *, epoch: str, now: float) -> HandoverSignal:
-    return HandoverSignal(
-        seq=inc.seq,
-        epoch=epoch,
-        side="incoming",
-        id=inc.handover_id,
-        state=str(inc.state),
-        deadline=inc.deadline,
-        began_at=inc.started_at,
-        released_at=inc.released_at,
-        updated_at=now,
-    )
+    return HandoverSignal.model_validate(_incoming(inc, epoch=epoch, now=now))
 
 
 def outgoing_status(out: Outgoing, *, epoch: str, now: float) -> HandoverStatus:
     h = out.handover
-    return HandoverStatus(
-        seq=h.seq,
-        epoch=epoch,
-        side="outgoing",
-        id=h.id,
-        state=str(h.state),
-        deadline=h.deadline,
-        expected=list(h.expected),
-        counts=out.counts(),
-        missing=out.waiting(),
-        may_freeze=out.may_freeze_now(),
-        left_out=list(h.left_out),
-        abort_reason=h.abort_reason,
-        began_at=h.began_at,
-        freeze_at=h.freeze_at,
-        committed_at=h.committed_at,
-        payload=h.payload,
-        updated_at=now,
+    return HandoverStatus.model_validate(
+        {
+            **_outgoing(out, epoch=epoch, now=now),
+            "expected": list(h.expected),
+            "counts": out.counts(),
+            "missing": out.waiting(),
+            "may_freeze": out.may_freeze_now(),
+            "left_out": list(h.left_out),
+        }
     )
 
 
 def incoming_status(inc: Incoming, *, epoch: str, now: float) -> HandoverStatus:
-    return HandoverStatus(
-        seq=inc.seq,
-        epoch=epoch,
-        side="incoming",
-        id=inc.handover_id,
-        state=str(inc.state),
-        deadline=inc.deadline,
-        expected=list(inc.restore_order),
-        counts=inc.counts(),
-        missing=inc.not_finished(),
-        may_retrieve=inc.may_retrieve_now(),
-        unclaimed=list(inc.unclaimed),
-        began_at=inc.started_at,
-        released_at=inc.released_at,
-        updated_at=now,
+    return HandoverStatus.model_validate(
+        {
+            **_incoming(inc, epoch=epoch, now=now),
+            "expected": list(inc.restore_order),
+            "counts": inc.counts(),
+            "missing": inc.not_finished(),
+            "may_retrieve": inc.may_retrieve_now(),
+            "unclaimed": list(inc.unclaimed),
+        }
     )
 
 
