@@ -398,17 +398,20 @@ class Daemon:
             # Raw fragments are not kept on disk: retrieve is idempotent anyway.
             if key is not None and ctype != DTB:
                 batch.writes.append(
-                    lambda s, k=key, b=body, c=ctype: s.put_reply(k, b, c, keep=REPLIES_KEPT)  # type: ignore[misc]
+                    lambda s, k=key, b=body, c=ctype: s.put_reply(k, b, c)  # type: ignore[misc]
                 )
         if batch.writes:
             seq = str(self.seq)
             writes = batch.writes
+            replies = any(key is not None for *_, key in batch.replies)
 
             def write() -> None:
                 with self.store.transaction():
                     for w in writes:
                         w(self.store)
                     self.store.set_meta("seq", seq)
+                    if replies:
+                        self.store.forget_replies(keep=REPLIES_KEPT)
 
             try:
                 await asyncio.to_thread(write)

@@ -331,14 +331,17 @@ class Store:
 
     # -- replies already sent ---------------------------------------------------
 
-    def put_reply(self, key: bytes, body: bytes, content_type: str, *, keep: int) -> None:
-        """Remember the reply under ``key``, keeping only the last ``keep`` replies."""
+    def put_reply(self, key: bytes, body: bytes, content_type: str) -> None:
+        """Remember the reply sent under ``key`` (the first one, if sent twice)."""
         self._mutate(
             "save a reply",
             "INSERT INTO reply (key, body, content_type) VALUES (?, ?, ?)"
             " ON CONFLICT (key) DO NOTHING",
             (key, body, content_type),
         )
+
+    def forget_replies(self, *, keep: int) -> None:
+        """Keep only the last ``keep`` replies."""
         self._mutate(
             "forget old replies",
             "DELETE FROM reply WHERE n <= (SELECT max(n) FROM reply) - ?",

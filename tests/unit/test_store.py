@@ -459,3 +459,32 @@ def test_sigkill_mid_transaction_leaves_nothing_of_it(state_dir: Path) -> None:
     with Store(state_dir) as s:
         assert s.load_participants() == {"before": {"committed": True}}
         assert s.get_meta("held") is None
+
+
+# -- replies already sent ---------------------------------------------------------
+
+
+def test_replies_are_kept_first_sent_and_bounded(state_dir: Path) -> None:
+    with Store(state_dir) as s:
+        with s.transaction():
+            for i in range(10):
+                s.put_reply(bytes([i]) * 32, f"reply {i}".encode(), "application/json")
+            s.put_reply(bytes([3]) * 32, b"a second copy", "application/json")
+            s.forget_replies(keep=4)
+    with Store(state_dir) as s:
+        kept = s.load_replies()
+    assert [k[0] for k, _, _ in kept] == [6, 7, 8, 9]
+    assert kept[0][1:] == (b"reply 6", "application/json")
+
+
+def test_a_version_1_store_gains_the_reply_table(state_dir: Path) -> None:
+    Store(state_dir).close()
+    conn = raw(state_dir)
+    conn.execute("DROP TABLE reply")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with Store(state_dir) as s:
+        assert s.load_replies() == []
+        with s.transaction():
+            s.put_reply(b"k" * 32, b"r", "application/json")
+        assert s.load_replies() == [(b"k" * 32, b"r", "application/json")]
