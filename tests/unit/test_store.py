@@ -465,12 +465,11 @@ def test_sigkill_mid_transaction_leaves_nothing_of_it(state_dir: Path) -> None:
 
 
 def test_replies_are_kept_first_sent_and_bounded(state_dir: Path) -> None:
-    with Store(state_dir) as s:
-        with s.transaction():
-            for i in range(10):
-                s.put_reply(bytes([i]) * 32, f"reply {i}".encode(), "application/json")
-            s.put_reply(bytes([3]) * 32, b"a second copy", "application/json")
-            s.forget_replies(keep=4)
+    with Store(state_dir) as s, s.transaction():
+        for i in range(10):
+            s.put_reply(bytes([i]) * 32, f"reply {i}".encode(), "application/json")
+        s.put_reply(bytes([3]) * 32, b"a second copy", "application/json")
+        s.forget_replies(keep=4)
     with Store(state_dir) as s:
         kept = s.load_replies()
     assert [k[0] for k, _, _ in kept] == [6, 7, 8, 9]
