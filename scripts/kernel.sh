@@ -139,6 +139,13 @@ build() {
         echo "$out/bzImage"
         return
     fi
+    # Two test runs on one machine (two checkouts) build it once: the second waits.
+    exec 9>"$cache/build.lock"
+    flock 9
+    if [ -f "$out/bzImage" ]; then
+        echo "$out/bzImage"
+        return
+    fi
     src=$(unpack_source "$deb")
     local obj="$cache/build/$source_pkg-$version-$key"
     mkdir -p "$obj"
