@@ -17,6 +17,8 @@
 #   KHOD_KERNEL_SUITE   Debian suite that has it (default trixie-backports)
 #   KHOD_KERNEL_JOBS    make -j (default: number of cores, at most 3)
 set -euo pipefail
+# A failure inside $(...) stops the script too (fetch, unpack, build).
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
@@ -129,7 +131,20 @@ unpack_source() {
 # Builds bzImage once per (source version, config fragment, build recipe);
 # prints its path.
 build() {
+    # Two runs on one machine (two checkouts, CI beside a developer) install,
+    # fetch and build once: the second waits, then finds the cache. The lock
+    # is let go before returning, so that nothing started later inherits it.
+    mkdir -p "$cache"
+    exec 9>"$cache/build.lock"
+    flock 9
+    # Plain calls, not `a && b`: set -e must stay in force inside them (a
+    # failure exits the script, which lets go of the lock too).
     deps
+    build_locked
+    exec 9>&-
+}
+
+build_locked() {
     local deb version src key out
     deb=$(fetch_source)
     version=$(dpkg-deb -f "$deb" Version)
