@@ -485,9 +485,10 @@ class Participant:
             if me is None or me.handover_id != s.id:
                 # Its claim (own state) arrives with the broadcast; without one
                 # after a moment, it has no fragment: let the daemon say so.
-                first = seen_at.setdefault(s.id, loop.time())
-                if loop.time() - first < CLAIM_GRACE:
-                    loop.call_later(CLAIM_GRACE, self._changed)
+                if s.id not in seen_at:
+                    seen_at[s.id] = loop.time()
+                    loop.call_later(CLAIM_GRACE, self._changed)  # look again then
+                if loop.time() - seen_at[s.id] < CLAIM_GRACE:
                     return None
                 return s, None
             if me.may_retrieve is False and me.state not in ("retrieved", "finished"):

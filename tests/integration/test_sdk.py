@@ -457,6 +457,12 @@ async def test_restore_gives_back_every_fragment_then_releases(
             await stack.enter_async_context(participant(broker, host_id, n, i))
             for i, n in enumerate(names)
         ]
+        # One that is not in the payload is told so (after its claim could
+        # have arrived), not left waiting.
+        stranger = await stack.enter_async_context(participant(broker, host_id, "s-9", 9))
+        with pytest.raises(RemoteError) as unknown:
+            await asyncio.wait_for(stranger.retrieve(), TIMEOUT)
+        assert unknown.value.code == "unknown-participant"
         got = await gather(*(restore(p) for p in ps))
         assert got == [blobs[n] for n in names]
         released = await asyncio.wait_for(
