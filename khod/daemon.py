@@ -183,6 +183,8 @@ class Daemon:
         #: replies held until the commit is over: (response topic, correlation, key, name)
         self._after_commit: list[tuple[str, bytes | None, Key | None, str]] = []
         self._hold_reply = False
+        #: writes of a state announced before it is made durable (see assembled)
+        self._carried: list[Callable[[Store], None]] = []
         #: participants whose own state waits for the end of the blackout
         self._held_states: set[str] = set()
         #: keys of requests queued or waiting for the commit, not answered yet
@@ -402,7 +404,7 @@ class Daemon:
                 )
         if batch.writes:
             seq = str(self.seq)
-            writes = batch.writes
+            writes, self._carried = self._carried + batch.writes, []
             replies = any(key is not None for *_, key in batch.replies)
 
             def write() -> None:
@@ -906,7 +908,13 @@ class Daemon:
 
         def assembled(batch: Batch) -> None:
             if h.state is HandoverState.FROZEN and h.id == handover_id:
+                written = len(batch.writes)
                 self._stage(self.out.assembled())
+                # Announced now, written with the commit (or the abort): a
+                # daemon killed meanwhile resumes from frozen, which assembles
+                # again; one fsync less inside the blackout.
+                self._carried += batch.writes[written:]
+                del batch.writes[written:]
 
         await self.call(assembled)
         try:
