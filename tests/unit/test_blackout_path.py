@@ -14,11 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from khod import fdt
-from khod.config import Settings
-from khod.daemon import Daemon
 from khod.protocol import DTB, JSON, ControlOp, ParticipantOp, Topics
-from khod.store import Store
-from tests.fakes import Recorder, settle
+from tests.fakes import InProcessBus, settle
 
 HOST = "bo"
 T = Topics(HOST)
@@ -30,13 +27,11 @@ def fragment(name: str, i: int) -> bytes:
     return b.finish_storage()
 
 
-class Bus:
+class Bus(InProcessBus):
+    """Requests sent without waiting for the worker: a burst, as from the bus."""
+
     def __init__(self, tmp: Path) -> None:
-        self.settings = Settings(host_id=HOST, state_dir=tmp, handover_deadline=600)
-        self.store = Store(tmp)
-        self.pub = Recorder()
-        self.daemon = Daemon(self.settings, self.store, self.pub)
-        self.n = 0
+        super().__init__(tmp, HOST, handover_deadline=600)
 
     async def send(self, name: str | None, op: str, body: bytes | dict[str, Any] = b"") -> None:
         self.n += 1

@@ -7,7 +7,6 @@ publisher that records what the daemon would put on the bus.
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +14,15 @@ import pytest
 from rich.console import Console
 
 from khod import fdt, inspect
-from khod.config import Settings
-from khod.daemon import Daemon
 from khod.errors import PayloadError
 from khod.monitor import participants_table
 from khod.payload import PayloadImage
 from khod.protocol import (
-    DTB,
     JSON,
-    ControlOp,
-    ParticipantOp,
     ParticipantStatus,
     Reply,
-    Topics,
 )
-from khod.store import Store
-from tests.fakes import Recorder, settle
+from tests.fakes import InProcessBus
 
 HOST = "gaps"
 COMPAT = "example,vm-v1"
@@ -42,36 +34,9 @@ def fragment(instance: int) -> bytes:
     return b.finish_storage()
 
 
-class Bus:
+class Bus(InProcessBus):
     def __init__(self, state_dir: Path) -> None:
-        self.settings = Settings(host_id=HOST, state_dir=state_dir)
-        self.store = Store(state_dir)
-        self.pub = Recorder()
-        self.daemon = Daemon(self.settings, self.store, self.pub)
-        self.t = Topics(HOST)
-        self.n = 0
-
-    async def call(self, name: str | None, op: str, body: bytes | dict[str, Any] = b"") -> Reply:
-        self.n += 1
-        if isinstance(body, dict):
-            body = json.dumps(body).encode()
-        if name is None:
-            topic, reply_to = self.t.control(ControlOp(op)), self.t.control_reply("t")
-        else:
-            topic, reply_to = self.t.request(name, ParticipantOp(op)), self.t.reply(name)
-        ctype = DTB if op == "fragment" else JSON
-        start = len(self.pub.sent)
-        await self.daemon.handle(topic, body, (ctype, reply_to, f"c{self.n}".encode()))
-        await settle(self.daemon)
-        [(_, payload, kw)] = [s for s in self.pub.sent[start:] if s[0] == reply_to]
-        if kw["content_type"] == DTB:
-            return Reply(op=op, ok=True, data={"raw": payload.hex()})
-        return Reply.model_validate_json(payload)
-
-    async def ok(self, name: str | None, op: str, body: bytes | dict[str, Any] = b"") -> Any:
-        reply = await self.call(name, op, body)
-        assert reply.ok, reply.error
-        return reply.data
+        super().__init__(state_dir, HOST)
 
     def retained(self, start: int = 0) -> list[tuple[str, bytes]]:
         return [(t, p) for t, p, kw in self.pub.sent[start:] if kw.get("retain")]

@@ -15,28 +15,20 @@ from typing import Any
 
 import pytest
 
-from khod.config import Settings
-from khod.daemon import Daemon
 from khod.errors import ProtocolError
 from khod.protocol import (
-    JSON,
     PROTOCOL_VERSION,
     REQUEST_MODELS,
     AbortRequest,
     BeginRequest,
-    ControlOp,
     EmptyRequest,
     FailRequest,
     FreezeRequest,
-    ParticipantOp,
     RegisterRequest,
-    Reply,
     Request,
-    Topics,
     decode,
 )
-from khod.store import Store
-from tests.fakes import Recorder, settle
+from tests.fakes import InProcessBus
 
 REGISTER = {"compatible": "example,vm-v1", "instance": 7}
 
@@ -149,26 +141,9 @@ def test_deadline_is_finite(body: bytes) -> None:
 # -- through the daemon: refused, and nothing changed ------------------------------
 
 
-class Bus:
+class Bus(InProcessBus):
     def __init__(self, tmp: Path) -> None:
-        self.store = Store(tmp)
-        self.pub = Recorder()
-        self.daemon = Daemon(Settings(host_id="strict", state_dir=tmp), self.store, self.pub)
-        self.t = Topics("strict")
-        self.n = 0
-
-    async def call(self, name: str | None, op: str, body: dict[str, Any]) -> Reply:
-        self.n += 1
-        if name is None:
-            topic, reply_to = self.t.control(ControlOp(op)), self.t.control_reply("t")
-        else:
-            topic, reply_to = self.t.request(name, ParticipantOp(op)), self.t.reply(name)
-        start = len(self.pub.sent)
-        corr = f"c{self.n}".encode()
-        await self.daemon.handle(topic, json.dumps(body).encode(), (JSON, reply_to, corr))
-        await settle(self.daemon)
-        [(_, payload, _)] = [s for s in self.pub.sent[start:] if s[0] == reply_to]
-        return Reply.model_validate_json(payload)
+        super().__init__(tmp, "strict")
 
 
 @pytest.mark.parametrize(
