@@ -16,6 +16,10 @@ the kexec retrieves its fragment and finishes::
         await p.wait_for_freeze()          # HandoverCancelled if the handover aborts
         await p.frozen()
 
+``Participant.handover`` is the host's latest broadcast (a
+:class:`HandoverSignal`: id, state, no per-participant lists);
+``Participant.status`` its own state (:class:`ParticipantStatus`).
+
 Only the wire contract (``khod.protocol``), the transport, the FDT helpers
 and the errors come from the daemon's package.
 """
@@ -35,7 +39,7 @@ from khod.errors import (
 )
 from khod.fdt import FragmentBuilder, start_storage
 from khod.names import default_host_id
-from khod.protocol import HandoverStatus, ParticipantStatus
+from khod.protocol import HandoverSignal, HandoverStatus, ParticipantStatus
 from khod_client._events import FragmentReceipt, HandoverCancelled
 from khod_client._participant import Participant
 
@@ -49,6 +53,7 @@ __all__ = [
     "FragmentBuilder",
     "FragmentReceipt",
     "HandoverCancelled",
+    "HandoverSignal",
     "HandoverStatus",
     "KhodError",
     "NotAuthorized",
