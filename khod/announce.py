@@ -47,21 +47,14 @@ class Announcer:
         self.topics = topics
 
     async def _retain(self, topic: str, model: BaseModel | None) -> None:
-        # An empty retained message deletes the topic.
-        body = b"" if model is None else encode(model)
-        await self.pub.publish(topic, body, retain=True, content_type=JSON)
+        m = self.retained(topic, model)
+        await self.pub.publish(m.topic, m.payload, retain=True, content_type=m.content_type)
 
     async def daemon(self, status: DaemonStatus) -> None:
         await self._retain(self.topics.daemon, status)
 
-    async def signal(self, signal: HandoverSignal) -> None:
-        await self._retain(self.topics.handover, signal)
-
     async def progress(self, status: HandoverStatus) -> None:
         await self._retain(self.topics.progress, status)
-
-    async def participant(self, name: str, status: ParticipantStatus | None) -> None:
-        await self._retain(self.topics.state(name), status)
 
     async def clear(self, topic: str) -> None:
         await self.pub.publish(topic, b"", retain=True)
@@ -72,6 +65,7 @@ class Announcer:
     # -- batches: built first, then sent together (one wait for all PUBACKs) --
 
     def retained(self, topic: str, model: BaseModel | None) -> Publication:
+        # An empty retained message deletes the topic.
         body = b"" if model is None else encode(model)
         return Publication(topic, body, retain=True, content_type=JSON)
 
