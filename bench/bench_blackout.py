@@ -53,8 +53,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from khod.broker import PrivateBroker, find_mosquitto
-from khod.fdt import start_storage
-from khod.protocol import (
+from khod_client import Participant
+from khod_wire.fragment import start_storage
+from khod_wire.protocol import (
     DTB,
     JSON,
     BeginRequest,
@@ -64,8 +65,7 @@ from khod.protocol import (
     Topics,
     encode,
 )
-from khod.transport import BrokerURL, Connection, client_id, message_props, payload_bytes
-from khod_client import Participant
+from khod_wire.transport import BrokerURL, Connection, client_id, message_props, payload_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPATIBLE = "bench,p-v1"

@@ -33,8 +33,9 @@ from pathlib import Path
 import aiomqtt
 
 from khod.broker import PrivateBroker
-from khod.fdt import start_storage
-from khod.protocol import (
+from khod_client import Participant
+from khod_wire.fragment import start_storage
+from khod_wire.protocol import (
     DTB,
     JSON,
     BeginRequest,
@@ -45,8 +46,7 @@ from khod.protocol import (
     Topics,
     encode,
 )
-from khod.transport import BrokerURL, Connection, client_id, message_props, payload_bytes
-from khod_client import Participant
+from khod_wire.transport import BrokerURL, Connection, client_id, message_props, payload_bytes
 
 
 def machine() -> str:

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
-from khod import fdt
 from khod.payload import PayloadEntry, PayloadImage, assemble
+from khod_wire import fragment
 
 COUNTS = (16, 256, 4096)
 PAGE = 4096
@@ -40,7 +40,7 @@ def make_entries(n: int) -> list[PayloadEntry]:
     """``n`` participants with fragments just under a page, like real VMM state."""
     entries = []
     for i in range(n):
-        b = fdt.start_storage("cloud-hypervisor,vm-v1", i, size_hint=4096)
+        b = fragment.start_storage("cloud-hypervisor,vm-v1", i, size_hint=4096)
         b.property_string("state", "paused")
         b.property_bytes("memory-map", bytes([i & 0xFF]) * 3400)
         with b.node("devices"):

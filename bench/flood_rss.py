@@ -28,8 +28,8 @@ from pathlib import Path
 import aiomqtt
 
 from khod.broker import PrivateBroker
-from khod.protocol import JSON, ControlOp, ParticipantOp, Topics
-from khod.transport import BrokerURL, Connection, client_id, properties
+from khod_wire.protocol import JSON, ControlOp, ParticipantOp, Topics
+from khod_wire.transport import BrokerURL, Connection, client_id, properties
 
 ROOT = Path(__file__).resolve().parent.parent
 

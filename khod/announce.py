@@ -14,7 +14,7 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
-from khod.protocol import (
+from khod_wire.protocol import (
     JSON,
     DaemonStatus,
     HandoverSignal,
@@ -23,7 +23,7 @@ from khod.protocol import (
     Topics,
     encode,
 )
-from khod.transport import Publication
+from khod_wire.transport import Publication
 
 
 class Publisher(Protocol):

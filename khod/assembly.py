@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from khod.errors import PayloadError
 from khod.handover import Outgoing
 from khod.payload import PayloadEntry, layout
+from khod_wire.errors import PayloadError
 
 
 def entries(out: Outgoing, fragments: Mapping[str, bytes]) -> list[PayloadEntry]:

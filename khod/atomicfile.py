@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from khod.errors import StoreError
+from khod_wire.errors import StoreError
 
 __all__ = ["atomic_write", "atomic_write_json", "fsync_directory", "remove_stale_temps"]
 

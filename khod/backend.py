@@ -20,8 +20,8 @@ from typing import Any
 
 from khod.atomicfile import atomic_write, atomic_write_json
 from khod.config import Settings
-from khod.errors import CommitError, ConfigError, KhodError, WithdrawError
 from khod.luo_handoff import LuoHandoff, session_name
+from khod_wire.errors import CommitError, ConfigError, KhodError, WithdrawError
 
 #: the LUO hand-off of this process, for backend "luo" (``khod run`` opens it)
 _luo: LuoHandoff | None = None

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from khod.errors import ConfigError
+from khod_wire.errors import ConfigError
 
 INSTALL_HINT = (
     "mosquitto is not installed (or not on PATH). Install it, e.g. "

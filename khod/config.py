@@ -19,10 +19,10 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from khod import names
-from khod.errors import ConfigError, RegistrationError
-from khod.names import default_host_id
-from khod.transport import BrokerURL, read_password_file
+from khod_wire import identity
+from khod_wire.errors import ConfigError, RegistrationError
+from khod_wire.identity import default_host_id
+from khod_wire.transport import BrokerURL, read_password_file
 
 _FILE_DATA: ContextVar[dict[str, Any] | None] = ContextVar("khod_config_file", default=None)
 
@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     @classmethod
     def _host(cls, v: str) -> str:
         try:
-            return names.check_host(v)
+            return identity.check_host(v)
         except RegistrationError as exc:
             raise ValueError(str(exc)) from None
 

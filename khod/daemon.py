@@ -40,10 +40,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from khod import __version__, assembly, backend, names
+from khod import __version__, assembly, backend
 from khod.announce import Announcer, Publisher
 from khod.config import Settings
-from khod.errors import (
+from khod.handover import Changes, Outgoing, Participant
+from khod.handover import Handover as HandoverRecord
+from khod.lifecycle import HandoverState, HostRestoreState, ParticipantState, RestoreState
+from khod.payload import PayloadImage
+from khod.replies import Key, ReplyCache
+from khod.restore import Claim, Incoming
+from khod.status import (
+    claim_status,
+    incoming_signal,
+    incoming_status,
+    outgoing_signal,
+    outgoing_status,
+    participant_status,
+)
+from khod.store import Store
+from khod_wire import identity
+from khod_wire.errors import (
     Busy,
     ConfigError,
     FragmentTooLarge,
@@ -52,12 +68,8 @@ from khod.errors import (
     ProtocolError,
     StoreError,
 )
-from khod.fragment import validate_fragment
-from khod.handover import Changes, Outgoing, Participant
-from khod.handover import Handover as HandoverRecord
-from khod.lifecycle import HandoverState, HostRestoreState, ParticipantState, RestoreState
-from khod.payload import PayloadImage
-from khod.protocol import (
+from khod_wire.fragment import validate_fragment
+from khod_wire.protocol import (
     DTB,
     JSON,
     REQUEST_MODELS,
@@ -81,18 +93,7 @@ from khod.protocol import (
     decode,
     encode,
 )
-from khod.replies import Key, ReplyCache
-from khod.restore import Claim, Incoming
-from khod.status import (
-    claim_status,
-    incoming_signal,
-    incoming_status,
-    outgoing_signal,
-    outgoing_status,
-    participant_status,
-)
-from khod.store import Store
-from khod.transport import Publication
+from khod_wire.transport import Publication
 
 log = logging.getLogger(__name__)
 
@@ -623,7 +624,7 @@ class Daemon:
         # steer it into writing someone else's topics (or a wildcard).
         if name is None:
             client = response_topic.removeprefix(self.topics.control_reply(""))
-            return client != response_topic and names.HOST_RE.fullmatch(client) is not None
+            return client != response_topic and identity.HOST_RE.fullmatch(client) is not None
         return response_topic == self.topics.reply(name)
 
     async def _correlation_ok(

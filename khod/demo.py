@@ -31,12 +31,12 @@ from rich.console import Console
 from rich.live import Live
 
 from khod.broker import PrivateBroker
-from khod.errors import ConfigError, KhodError
 from khod.monitor import MonitorState
 from khod.payload import PayloadImage
-from khod.protocol import JSON, BeginRequest, ControlOp, Topics, encode, reply_data
-from khod.transport import BrokerURL, Connection, client_id, payload_bytes
 from khod_client import HandoverCancelled, Participant
+from khod_wire.errors import ConfigError, KhodError
+from khod_wire.protocol import JSON, BeginRequest, ControlOp, Topics, encode, reply_data
+from khod_wire.transport import BrokerURL, Connection, client_id, payload_bytes
 
 KINDS = [
     ("iommufd", "iommufd,ioas-v1"),

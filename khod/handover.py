@@ -15,15 +15,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from khod import names
-from khod.errors import (
-    Busy,
-    NothingToHandOver,
-    NotReady,
-    OrderingError,
-    RegistrationError,
-    UnknownParticipant,
-)
 from khod.lifecycle import (
     ABORTABLE,
     ACTIVE,
@@ -36,6 +27,15 @@ from khod.lifecycle import (
     order,
     participant_next,
 )
+from khod_wire import identity
+from khod_wire.errors import (
+    Busy,
+    NothingToHandOver,
+    NotReady,
+    OrderingError,
+    RegistrationError,
+    UnknownParticipant,
+)
 
 P = ParticipantState
 H = HandoverState
@@ -45,7 +45,7 @@ H = HandoverState
 class Participant:
     name: str
     compatible: str
-    instance: names.Instance
+    instance: identity.Instance
     freeze_after: tuple[str, ...] = ()
     restore_after: tuple[str, ...] = ()
     state: ParticipantState = P.REGISTERED
@@ -300,11 +300,11 @@ class Outgoing:
         now: float,
     ) -> Changes:
         new = Participant(
-            name=names.check_name(name),
-            compatible=names.check_compatible(compatible),
-            instance=names.check_instance(instance),
-            freeze_after=tuple(sorted({names.check_name(n) for n in freeze_after})),
-            restore_after=tuple(sorted({names.check_name(n) for n in restore_after})),
+            name=identity.check_name(name),
+            compatible=identity.check_compatible(compatible),
+            instance=identity.check_instance(instance),
+            freeze_after=tuple(sorted({identity.check_name(n) for n in freeze_after})),
+            restore_after=tuple(sorted({identity.check_name(n) for n in restore_after})),
             updated_at=now,
         )
         for kind, deps in (("freeze", new.freeze_after), ("restore", new.restore_after)):
@@ -441,7 +441,7 @@ class Outgoing:
     ) -> Changes:
         handover_next(self.handover.state, HandoverEvent.BEGIN)  # validate first
         if expect is not None:
-            expected = tuple(dict.fromkeys(names.check_name(n) for n in expect))
+            expected = tuple(dict.fromkeys(identity.check_name(n) for n in expect))
             if not expected:
                 raise NothingToHandOver("begin: --expect names no participant")
         else:

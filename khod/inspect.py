@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.text import Text
 from rich.tree import Tree
 
-from khod import fdt
-from khod.errors import PayloadError
 from khod.payload import PayloadImage
+from khod_wire import fdt
+from khod_wire.errors import PayloadError
 
 
 def _human(path: Path, image: PayloadImage, manifest: dict[str, Any], dts: bool) -> None:

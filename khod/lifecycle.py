@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import TypeVar
 
-from khod.errors import IllegalTransition, OrderingError
+from khod_wire.errors import IllegalTransition, OrderingError
 
 
 class HandoverState(StrEnum):

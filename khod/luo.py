@@ -28,7 +28,7 @@ import struct
 from pathlib import Path
 from types import TracebackType
 
-from khod.errors import KhodError
+from khod_wire.errors import KhodError
 
 DEVICE = Path("/dev/liveupdate")
 IOCTL_TYPE = 0xBA

@@ -28,7 +28,7 @@ from typing import Any
 
 from khod import luo
 from khod.atomicfile import atomic_write
-from khod.errors import ConfigError, KhodError
+from khod_wire.errors import ConfigError, KhodError
 
 log = logging.getLogger(__name__)
 

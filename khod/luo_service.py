@@ -15,10 +15,10 @@ from pathlib import Path
 from khod import assembly
 from khod.config import Settings
 from khod.daemon import Daemon, boot_id
-from khod.errors import ConfigError, KhodError
 from khod.lifecycle import HandoverState, HostRestoreState
 from khod.luo import LuoError
 from khod.luo_handoff import LuoHandoff
+from khod_wire.errors import ConfigError, KhodError
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from khod.errors import ProtocolError
-from khod.protocol import (
+from khod_wire.errors import ProtocolError
+from khod_wire.protocol import (
     DaemonStatus,
     HandoverSignal,
     HandoverStatus,

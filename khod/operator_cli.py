@@ -31,14 +31,6 @@ from rich.console import Console
 from rich.live import Live
 
 from khod.config import Settings, load_settings
-from khod.errors import (
-    BrokerRefused,
-    ConfigError,
-    NotAuthorized,
-    ProtocolError,
-    RemoteError,
-    RequestTimeout,
-)
 from khod.monitor import (
     MonitorState,
     fmt_seconds,
@@ -47,7 +39,15 @@ from khod.monitor import (
     participants_table,
     status_header,
 )
-from khod.protocol import (
+from khod_wire.errors import (
+    BrokerRefused,
+    ConfigError,
+    NotAuthorized,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+)
+from khod_wire.protocol import (
     JSON,
     AbortRequest,
     BeginRequest,
@@ -63,7 +63,7 @@ from khod.protocol import (
     encode,
     reply_data,
 )
-from khod.transport import Connection, client_id, payload_bytes
+from khod_wire.transport import Connection, client_id, payload_bytes
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 #: ``monitor --once``: the broker sends retained messages right after the
@@ -83,7 +83,8 @@ class Failed(Exception):
 def main(args: argparse.Namespace) -> int:
     # The connection's log lines (a refusal, a reconnect) would repeat on
     # stderr what this command says itself, once, with its exit status.
-    logging.getLogger("khod").addHandler(logging.NullHandler())
+    for name in ("khod", "khod_wire"):
+        logging.getLogger(name).addHandler(logging.NullHandler())
     try:
         settings = load_settings(
             args.config,

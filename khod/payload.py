@@ -17,7 +17,7 @@ Assembly runs in the blackout window, so it only links: it never parses,
 checks or hashes a fragment (that was done when each one arrived) and its cost
 grows with the number of participants. Reading, on the other hand, trusts
 nothing: every link, offset, checksum and fragment is verified, and any
-problem is a :class:`~khod.errors.PayloadError` naming the participant and
+problem is a :class:`~khod_wire.errors.PayloadError` naming the participant and
 offset.
 """
 
@@ -31,9 +31,9 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from khod import fdt
-from khod.errors import FragmentError, PayloadError
-from khod.fragment import verify_fragment
+from khod_wire import fdt, identity
+from khod_wire.errors import FragmentError, PayloadError, RegistrationError
+from khod_wire.fragment import verify_fragment
 
 PAYLOAD_COMPATIBLE = "khod-v1"
 DEFAULT_PAGE_SIZE = 4096
@@ -103,16 +103,16 @@ def _link_values(entry: PayloadEntry) -> tuple[bytes, bytes, bytes]:
     where = f"participant {entry.name!r}"
     try:
         fdt.check_node_name(entry.name)
-        fdt.check_compatible(entry.compatible)
-        instance = fdt.encode_instance(entry.instance)
+        identity.check_compatible(entry.compatible)
+        instance = identity.encode_instance(entry.instance)
         restore_after = _names_list(entry.restore_after)
-    except (FragmentError, ValueError) as e:
+    except (FragmentError, RegistrationError, ValueError) as e:
         raise PayloadError(f"{where}: {e}") from None
     if len(entry.sha256) != 32:
         raise PayloadError(f"{where}: sha256 is {len(entry.sha256)} bytes, expected 32")
     if not entry.blob:
         raise PayloadError(f"{where}: empty fragment")
-    compatible = (fdt.KHO_COMPATIBLE_PREFIX + entry.compatible).encode() + b"\0"
+    compatible = (identity.KHO_COMPATIBLE_PREFIX + entry.compatible).encode() + b"\0"
     return compatible, instance, restore_after
 
 
@@ -267,13 +267,13 @@ def _read_link(node: fdt.Node, base: int) -> FragmentRef:
         if length and len(raw) != length:
             raise PayloadError(f"{where}: {name!r} is {len(raw)} bytes, expected {length}")
     text = _printable(node.get("compatible"), 512) or ""
-    compatible = text.removeprefix(fdt.KHO_COMPATIBLE_PREFIX)
+    compatible = text.removeprefix(identity.KHO_COMPATIBLE_PREFIX)
     try:
         if compatible == text:
-            raise ValueError(f"{text!r} lacks the {fdt.KHO_COMPATIBLE_PREFIX!r} prefix")
-        fdt.check_compatible(compatible)
-        instance = fdt.decode_instance(node.get("instance") or b"")
-    except (FragmentError, ValueError) as e:
+            raise ValueError(f"{text!r} lacks the {identity.KHO_COMPATIBLE_PREFIX!r} prefix")
+        identity.check_compatible(compatible)
+        instance = identity.decode_instance(node.get("instance") or b"")
+    except (FragmentError, RegistrationError, ValueError) as e:
         raise PayloadError(f"{where}: {e}") from None
     raw_after = node.get("restore-after")
     restore_after = () if raw_after is None else _names(raw_after)
@@ -409,7 +409,7 @@ class PayloadImage:
         """The fragment of (``compatible`` without prefix, ``instance``); PayloadError if none."""
         ref = None
         try:
-            fdt.encode_instance(instance)  # refuses True posing as 1
+            identity.encode_instance(instance)  # refuses True posing as 1
             ref = self._by_key.get((compatible, instance))
         except ValueError:
             pass

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from khod.errors import Busy, OrderingError, UnknownParticipant
 from khod.handover import Changes, Transition
 from khod.lifecycle import (
     HostRestoreEvent,
@@ -24,7 +23,8 @@ from khod.lifecycle import (
     order,
     restore_next,
 )
-from khod.names import Instance
+from khod_wire.errors import Busy, OrderingError, UnknownParticipant
+from khod_wire.identity import Instance
 
 R = RestoreState
 

@@ -26,11 +26,11 @@ from khod import __version__, backend, luo_service, sdnotify
 from khod.atomicfile import remove_stale_temps
 from khod.config import Settings, load_settings
 from khod.daemon import Daemon
-from khod.errors import ConfigError, KhodError
 from khod.luo_handoff import LuoHandoff
-from khod.protocol import JSON, DaemonStatus, Topics, encode
 from khod.store import Store
-from khod.transport import Connection, message_props, properties
+from khod_wire.errors import ConfigError, KhodError
+from khod_wire.protocol import JSON, DaemonStatus, Topics, encode
+from khod_wire.transport import Connection, message_props, properties
 
 log = logging.getLogger("khod")
 

@@ -1,6 +1,6 @@
 """What the daemon shows on its retained topics, derived from its aggregates.
 
-Pure functions: the aggregates in, the wire models of ``khod.protocol`` out.
+Pure functions: the aggregates in, the wire models of ``khod_wire.protocol`` out.
 ``*_signal`` are the O(1) broadcasts participants act on; ``*_status`` the
 detailed views for monitors and operators.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from khod.handover import Outgoing, Participant
-from khod.protocol import HandoverSignal, HandoverStatus, ParticipantStatus, Registration
 from khod.restore import Incoming
+from khod_wire.protocol import HandoverSignal, HandoverStatus, ParticipantStatus, Registration
 
 
 def _outgoing(out: Outgoing, *, epoch: str, now: float) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from khod.atomicfile import fsync_directory
-from khod.errors import StoreError
+from khod_wire.errors import StoreError
 
 __all__ = ["DB_NAME", "SCHEMA_VERSION", "Store", "Transition"]
 

@@ -1,6 +1,6 @@
 """A plain protocol client for tests: raw requests, no SDK logic in between.
 
-It speaks the wire contract of ``khod.protocol`` directly, the way a client
+It speaks the wire contract of ``khod_wire.protocol`` directly, the way a client
 in another language would, so tests see exactly what the daemon answers.
 """
 
@@ -12,8 +12,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from khod.errors import RemoteError
-from khod.protocol import (
+from khod_wire.errors import RemoteError
+from khod_wire.protocol import (
     DTB,
     JSON,
     ControlOp,
@@ -22,7 +22,7 @@ from khod.protocol import (
     Request,
     Topics,
 )
-from khod.transport import BrokerURL, Connection, client_id, message_props
+from khod_wire.transport import BrokerURL, Connection, client_id, message_props
 
 
 class RawClient:

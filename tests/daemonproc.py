@@ -68,7 +68,7 @@ class DaemonProc:
 
     def wait_online(self, timeout: float = 20.0) -> None:
         """Until the daemon's retained topic says online (read with a raw client)."""
-        from khod.protocol import Topics
+        from khod_wire.protocol import Topics
 
         deadline = time.monotonic() + timeout
         topic = Topics(self.host_id).daemon
@@ -108,7 +108,7 @@ def read_retained(url: str, topic: str, timeout: float = 2.0) -> bytes | None:
     """The retained message of ``topic``, via a throwaway plain aiomqtt client."""
     import aiomqtt
 
-    from khod.transport import BrokerURL, client_id
+    from khod_wire.transport import BrokerURL, client_id
 
     async def _read() -> bytes | None:
         u = BrokerURL.parse(url)

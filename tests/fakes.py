@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from khod.daemon import Daemon
-    from khod.protocol import Reply
-    from khod.transport import Publication
+    from khod_wire.protocol import Reply
+    from khod_wire.transport import Publication
 
 
 class Recorder:
@@ -64,8 +64,8 @@ class InProcessBus:
     def __init__(self, state_dir: Path, host: str, **settings: Any) -> None:
         from khod.config import Settings
         from khod.daemon import Daemon
-        from khod.protocol import Topics
         from khod.store import Store
+        from khod_wire.protocol import Topics
 
         self.settings = Settings(host_id=host, state_dir=state_dir, **settings)
         self.store = Store(state_dir)
@@ -75,7 +75,7 @@ class InProcessBus:
         self.n = 0
 
     async def call(self, name: str | None, op: str, body: bytes | dict[str, Any] = b"") -> Reply:
-        from khod.protocol import DTB, JSON, ControlOp, ParticipantOp, Reply
+        from khod_wire.protocol import DTB, JSON, ControlOp, ParticipantOp, Reply
 
         self.n += 1
         if isinstance(body, dict):

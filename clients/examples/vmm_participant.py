@@ -43,13 +43,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from khod import fdt
 from khod_client import (
     HandoverCancelled,
     KhodError,
     Participant,
     default_host_id,
 )
+from khod_wire import fdt
 
 COMPATIBLE = "khod-example,vmm-v1"
 EXIT_CANCELLED = 3

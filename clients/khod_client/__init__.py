@@ -20,7 +20,7 @@ the kexec retrieves its fragment and finishes::
 :class:`HandoverSignal`: id, state, no per-participant lists);
 ``Participant.status`` its own state (:class:`ParticipantStatus`).
 
-Only the wire contract (``khod.protocol``), the transport, the FDT helpers
+Only the wire contract (``khod_wire.protocol``), the transport, the FDT helpers
 and the errors come from the daemon's package.
 """
 
@@ -28,7 +28,9 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from khod.errors import (
+from khod_client._events import FragmentReceipt, HandoverCancelled
+from khod_client._participant import Participant
+from khod_wire.errors import (
     BrokerRefused,
     KhodError,
     NotAuthorized,
@@ -37,11 +39,9 @@ from khod.errors import (
     RemoteError,
     RequestTimeout,
 )
-from khod.fdt import FragmentBuilder, start_storage
-from khod.names import default_host_id
-from khod.protocol import HandoverSignal, HandoverStatus, ParticipantStatus
-from khod_client._events import FragmentReceipt, HandoverCancelled
-from khod_client._participant import Participant
+from khod_wire.fragment import FragmentBuilder, start_storage
+from khod_wire.identity import default_host_id
+from khod_wire.protocol import HandoverSignal, HandoverStatus, ParticipantStatus
 
 try:
     __version__ = version("khod")

@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from khod.errors import KhodError, ProtocolError
-from khod.protocol import RUNNING_STATES, HandoverSignal, ParticipantStatus, newer
+from khod_wire.errors import KhodError, ProtocolError
+from khod_wire.protocol import RUNNING_STATES, HandoverSignal, ParticipantStatus, newer
 
 #: Handover states in which a handover runs and its participants take part.
 RUNNING = RUNNING_STATES

@@ -1,6 +1,6 @@
 """The participant: one component's connection to khod, and its requests.
 
-Theory of operation: a ``Participant`` owns one :class:`khod.transport.Connection`
+Theory of operation: a ``Participant`` owns one :class:`khod_wire.transport.Connection`
 (its own reconnect loop) subscribed to the host's retained ``handover``
 status and to its own retained ``state``. Every status goes through a
 :class:`~khod_client._events.Tracker`, which decides what it means for this
@@ -32,9 +32,18 @@ from typing import Any, TypeVar
 
 import aiomqtt
 
-from khod import fdt, names
-from khod.errors import KhodError, PayloadError, ProtocolError, RequestTimeout
-from khod.protocol import (
+from khod_client._events import (
+    Began,
+    Cancelled,
+    Event,
+    FragmentReceipt,
+    HandoverCancelled,
+    MayFreeze,
+    Tracker,
+)
+from khod_wire import fragment, identity
+from khod_wire.errors import KhodError, PayloadError, ProtocolError, RequestTimeout
+from khod_wire.protocol import (
     DTB,
     JSON,
     EmptyRequest,
@@ -50,22 +59,13 @@ from khod.protocol import (
     parse_status,
     reply_data,
 )
-from khod.transport import (
+from khod_wire.transport import (
     BrokerURL,
     Connection,
     message_props,
     payload_bytes,
     properties,
     read_password_file,
-)
-from khod_client._events import (
-    Began,
-    Cancelled,
-    Event,
-    FragmentReceipt,
-    HandoverCancelled,
-    MayFreeze,
-    Tracker,
 )
 
 log = logging.getLogger("khod_client")
@@ -155,12 +155,12 @@ class Participant:
         keepalive: int = 10,
     ) -> None:
         # The daemon's own rules, so that a mistake shows here and not as a refusal later.
-        self.name = names.check_name(name)
-        self.compatible = names.check_compatible(compatible)
-        self.instance = names.check_instance(instance)
-        self.host_id = names.check_host(host_id or names.default_host_id())
-        self.freeze_after = tuple(names.check_name(n) for n in freeze_after)
-        self.restore_after = tuple(names.check_name(n) for n in restore_after)
+        self.name = identity.check_name(name)
+        self.compatible = identity.check_compatible(compatible)
+        self.instance = identity.check_instance(instance)
+        self.host_id = identity.check_host(host_id or identity.default_host_id())
+        self.freeze_after = tuple(identity.check_name(n) for n in freeze_after)
+        self.restore_after = tuple(identity.check_name(n) for n in restore_after)
         self.request_timeout = request_timeout
         self.on_freeze = on_freeze
         self.on_cancel = on_cancel
@@ -434,9 +434,9 @@ class Participant:
         self._registered = True
         return data
 
-    def start_storage(self, *, size_hint: int = 1024) -> fdt.FragmentBuilder:
+    def start_storage(self, *, size_hint: int = 1024) -> fragment.FragmentBuilder:
         """A builder for this participant's fragment (root compatible and instance written)."""
-        return fdt.start_storage(self.compatible, self.instance, size_hint=size_hint)
+        return fragment.start_storage(self.compatible, self.instance, size_hint=size_hint)
 
     async def submit(self, fragment: bytes) -> FragmentReceipt:
         """Send the fragment (raw FDT bytes); the receipt once it is durable.

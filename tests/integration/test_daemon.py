@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from khod.fdt import start_storage
 from khod.payload import PayloadEntry, PayloadImage, assemble
-from khod.protocol import JSON, ControlOp, ParticipantOp, Topics
 from khod.store import Store
+from khod_wire.fragment import start_storage
+from khod_wire.protocol import JSON, ControlOp, ParticipantOp, Topics
 from tests.busclient import RawClient, until, watcher
 from tests.daemonproc import DaemonFactory, DaemonProc
 
@@ -403,7 +403,7 @@ async def test_an_explicit_gone_is_done_when_acknowledged(daemon: DaemonProc) ->
 async def test_a_request_nobody_waits_for_is_not_run_later(daemon: DaemonProc) -> None:
     daemon.stop()
     async with RawClient(daemon.broker.url, daemon.host_id, "late") as c:
-        from khod.errors import RequestTimeout
+        from khod_wire.errors import RequestTimeout
 
         with pytest.raises(RequestTimeout):
             await c.conn.request(

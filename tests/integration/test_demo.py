@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from khod import broker
-from khod.errors import ConfigError
 from khod.payload import PayloadImage
+from khod_wire.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 from khod.broker import PrivateBroker
-from khod.errors import KhodError
-from khod.protocol import BeginRequest, ControlOp
 from khod_client import Participant
+from khod_wire.errors import KhodError
+from khod_wire.protocol import BeginRequest, ControlOp
 from tests.busclient import OperatorClient
 
 if TYPE_CHECKING:

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from khod.errors import RemoteError
 from khod.payload import PayloadImage
-from khod.protocol import ControlOp, HandoverStatus, ParticipantOp, ParticipantStatus, Topics
 from khod.store import Store
 from khod_client import HandoverCancelled, Participant
+from khod_wire.errors import RemoteError
+from khod_wire.protocol import ControlOp, HandoverStatus, ParticipantOp, ParticipantStatus, Topics
 from tests.busclient import OperatorClient, RawClient, until, watcher
 from tests.daemonproc import DaemonFactory, DaemonProc
 

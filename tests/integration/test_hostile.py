@@ -18,9 +18,10 @@ import libfdt
 import pytest
 
 from bench.flood_rss import measure, memory_kib
-from khod import fdt
-from khod.protocol import JSON, MAX_CORRELATION_DATA, ControlOp, ParticipantOp, Topics
-from khod.transport import BrokerURL, properties
+from khod_wire import fdt, identity
+from khod_wire.fragment import start_storage
+from khod_wire.protocol import JSON, MAX_CORRELATION_DATA, ControlOp, ParticipantOp, Topics
+from khod_wire.transport import BrokerURL, properties
 from tests.busclient import RawClient
 from tests.daemonproc import ROOT, DaemonFactory, DaemonProc
 
@@ -30,7 +31,7 @@ COMPAT = "test,vm-v1"
 
 
 def fragment(instance: int) -> bytes:
-    b = fdt.start_storage(COMPAT, instance)
+    b = start_storage(COMPAT, instance)
     b.property_u32("vcpus", 4)
     return b.finish_storage()
 
@@ -162,7 +163,7 @@ def nested(depth: int) -> bytes:
     sw.finish_reservemap()
     sw.begin_node("")
     sw.property("compatible", f"linux-kho,{COMPAT}".encode() + b"\0")
-    sw.property("instance", fdt.encode_instance(1))
+    sw.property("instance", identity.encode_instance(1))
     for _ in range(depth - 1):
         sw.begin_node("a")
     for _ in range(depth):

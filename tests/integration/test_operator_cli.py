@@ -1,6 +1,6 @@
 """The operator commands as an operator runs them: ``khod ...`` processes against a real daemon.
 
-Participants are played by raw MQTT v5 requests (``khod.transport.Connection``),
+Participants are played by raw MQTT v5 requests (``khod_wire.transport.Connection``),
 so these tests depend on the wire contract only, not on the SDK.
 """
 
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from khod.broker import PrivateBroker
-from khod.fdt import start_storage
-from khod.protocol import (
+from khod_wire.fragment import start_storage
+from khod_wire.protocol import (
     DTB,
     JSON,
     ParticipantOp,
@@ -31,7 +31,7 @@ from khod.protocol import (
     Topics,
     encode,
 )
-from khod.transport import BrokerURL, Connection, client_id
+from khod_wire.transport import BrokerURL, Connection, client_id
 
 if TYPE_CHECKING:
     from tests.daemonproc import DaemonProc

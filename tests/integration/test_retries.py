@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from khod.broker import PrivateBroker
-from khod.fdt import start_storage
-from khod.protocol import ControlOp, ParticipantOp
 from khod_client import Participant
+from khod_wire.fragment import start_storage
+from khod_wire.protocol import ControlOp, ParticipantOp
 from tests.busclient import RawClient, until
 from tests.daemonproc import DaemonFactory, DaemonProc
 

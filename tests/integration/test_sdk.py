@@ -22,19 +22,19 @@ import pytest
 
 from khod.broker import PrivateBroker
 from khod.payload import PayloadImage
-from khod.protocol import (
-    AbortRequest,
-    BeginRequest,
-    ControlOp,
-    FreezeRequest,
-    HandoverStatus,
-)
 from khod_client import (
     FragmentReceipt,
     HandoverCancelled,
     Participant,
     RemoteError,
     RequestTimeout,
+)
+from khod_wire.protocol import (
+    AbortRequest,
+    BeginRequest,
+    ControlOp,
+    FreezeRequest,
+    HandoverStatus,
 )
 from tests.busclient import OperatorClient
 

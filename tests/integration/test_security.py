@@ -22,9 +22,9 @@ import aiomqtt
 import pytest
 
 from khod.broker import PrivateBroker
-from khod.protocol import JSON, ControlOp, HandoverStatus, ParticipantOp, Topics
-from khod.transport import BrokerURL, Connection, client_id, payload_bytes
 from khod_client import NotAuthorized, Participant
+from khod_wire.protocol import JSON, ControlOp, HandoverStatus, ParticipantOp, Topics
+from khod_wire.transport import BrokerURL, Connection, client_id, payload_bytes
 from tests.daemonproc import DaemonProc
 
 pytestmark = pytest.mark.integration

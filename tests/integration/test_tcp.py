@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from khod.broker import PrivateBroker
-from khod.fdt import start_storage
 from khod.payload import PayloadImage
-from khod.protocol import ControlOp
 from khod_client import Participant
+from khod_wire.fragment import start_storage
+from khod_wire.protocol import ControlOp
 from tests.busclient import OperatorClient
 from tests.daemonproc import DaemonProc
 

@@ -16,7 +16,7 @@ from types import ModuleType
 import pytest
 
 from khod.atomicfile import atomic_write, atomic_write_json
-from khod.errors import StoreError
+from khod_wire.errors import StoreError
 
 
 def _load_child_module() -> ModuleType:

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from khod import fdt
-from khod.protocol import DTB, JSON, ControlOp, ParticipantOp, Topics
+from khod_wire.fragment import start_storage
+from khod_wire.protocol import DTB, JSON, ControlOp, ParticipantOp, Topics
 from tests.fakes import InProcessBus, settle
 
 HOST = "bo"
@@ -22,7 +22,7 @@ T = Topics(HOST)
 
 
 def fragment(name: str, i: int) -> bytes:
-    b = fdt.start_storage(f"test,{name}-v1", i)
+    b = start_storage(f"test,{name}-v1", i)
     b.property_u32("n", i)
     return b.finish_storage()
 

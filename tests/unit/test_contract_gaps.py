@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from khod import fdt, inspect
-from khod.errors import PayloadError
+from khod import inspect
 from khod.monitor import participants_table
 from khod.payload import PayloadImage
-from khod.protocol import (
+from khod_wire.errors import PayloadError
+from khod_wire.fragment import start_storage
+from khod_wire.protocol import (
     JSON,
     ParticipantStatus,
     Reply,
@@ -29,7 +30,7 @@ COMPAT = "example,vm-v1"
 
 
 def fragment(instance: int) -> bytes:
-    b = fdt.start_storage(COMPAT, instance)
+    b = start_storage(COMPAT, instance)
     b.property_u32("vcpus", 4)
     return b.finish_storage()
 

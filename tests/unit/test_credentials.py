@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from khod.config import load_settings
-from khod.errors import ConfigError
-from khod.transport import BrokerURL
+from khod_wire.errors import ConfigError
+from khod_wire.transport import BrokerURL
 
 SECRET = "s3cr:t@/x"
 

@@ -11,10 +11,10 @@ import pytest
 from khod import service
 from khod.config import Settings
 from khod.daemon import Daemon
-from khod.errors import StoreError
-from khod.fdt import start_storage
 from khod.handover import Outgoing
 from khod.store import Store
+from khod_wire.errors import StoreError
+from khod_wire.fragment import start_storage
 from tests.fakes import Recorder
 
 

@@ -4,7 +4,7 @@
   one table per model, exactly the fields of each request, reply and state
   model.
 - ``docs/asyncapi.yaml`` is AsyncAPI 3.0.0, its model schemas are exactly what
-  pydantic generates from ``khod.protocol``, every topic has a channel, and
+  pydantic generates from ``khod_wire.protocol``, every topic has a channel, and
   every ``$ref`` resolves.
 - The reply ``data`` documented per op (in both documents) is what the daemon
   really sends: requests go through ``Daemon.handle`` in-process, with a
@@ -32,11 +32,16 @@ import yaml
 from pydantic import BaseModel
 
 import khod
-from khod import errors, fdt
+import khod_wire
 from khod.config import Settings
 from khod.daemon import REPLIES_KEPT, SEQ_RESTART_GAP, Daemon
 from khod.payload import PayloadImage
-from khod.protocol import (
+from khod.replies import ENTRY_OVERHEAD, ReplyCache
+from khod.service import TICK
+from khod.store import Store
+from khod_wire import errors
+from khod_wire.fragment import start_storage
+from khod_wire.protocol import (
     DTB,
     JSON,
     MAX_CORRELATION_DATA,
@@ -60,9 +65,6 @@ from khod.protocol import (
     Topics,
     decode,
 )
-from khod.replies import ENTRY_OVERHEAD, ReplyCache
-from khod.service import TICK
-from khod.store import Store
 from tests.fakes import Recorder
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -132,14 +134,15 @@ def asyncapi() -> dict[str, Any]:
 
 
 def all_error_codes() -> set[str]:
-    """The ``code`` of every KhodError subclass defined in the khod package, and ``internal``."""
-    for mod in pkgutil.iter_modules(khod.__path__, "khod."):
-        importlib.import_module(mod.name)  # every module that may define an error class
+    """The ``code`` of every KhodError subclass of the daemon and the wire, and ``internal``."""
+    for pkg in (khod, khod_wire):
+        for mod in pkgutil.iter_modules(pkg.__path__, f"{pkg.__name__}."):
+            importlib.import_module(mod.name)  # every module that may define an error class
     codes: set[str] = {"internal"}  # the daemon's answer to an unexpected exception
     todo: list[type[errors.KhodError]] = [errors.KhodError]
     while todo:
         cls = todo.pop()
-        if cls.__module__.split(".")[0] == "khod":  # not the SDK's client-side errors
+        if cls.__module__.split(".")[0] in ("khod", "khod_wire"):  # not the SDK's own
             codes.add(cls.code)
         todo.extend(cls.__subclasses__())
     return codes
@@ -264,8 +267,8 @@ def test_protocol_md_states_the_limits(protocol_md: str) -> None:
 
 
 def test_reliability_md_states_the_hostile_input_bounds(protocol_md: str) -> None:
-    from khod.fdt import MAX_DEPTH, MAX_NAME_LEN
     from khod.service import MAX_INBOUND_BYTES
+    from khod_wire.fdt import MAX_DEPTH, MAX_NAME_LEN
     from tests.integration.test_hostile import FLOOD_GROWTH_MIB
 
     text = section((DOCS / "reliability.md").read_text(), "Hostile input")
@@ -462,7 +465,7 @@ class Bus:
 
 
 def fragment(compatible: str, instance: int | str) -> bytes:
-    b = fdt.start_storage(compatible, instance)
+    b = start_storage(compatible, instance)
     b.property_u32("vcpus", 4)
     return b.finish_storage()
 

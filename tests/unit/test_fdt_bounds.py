@@ -18,9 +18,9 @@ from collections.abc import Callable
 import libfdt
 import pytest
 
-from khod import fdt
-from khod.errors import FragmentError
-from khod.fragment import validate_fragment
+from khod_wire import fdt, fragment, identity
+from khod_wire.errors import FragmentError
+from khod_wire.fragment import validate_fragment
 
 COMPAT = "example,vm-v1"
 MIB = 1 << 20
@@ -32,7 +32,7 @@ def nested(depth: int, *, siblings: int = 1) -> bytes:
     sw.finish_reservemap()
     sw.begin_node("")
     sw.property("compatible", f"linux-kho,{COMPAT}".encode() + b"\0")
-    sw.property("instance", fdt.encode_instance(1))
+    sw.property("instance", identity.encode_instance(1))
     for s in range(siblings):
         sw.begin_node(f"c{s}")
         for _ in range(depth - 2):
@@ -54,7 +54,7 @@ def suffix_names(length: int, count: int) -> bytes:
         return struct.pack(">III", 3, len(value), nameoff) + value + bytes(-len(value) % 4)
 
     st = struct.pack(">II", 1, 0)
-    st += prop(0, f"linux-kho,{COMPAT}".encode() + b"\0") + prop(11, fdt.encode_instance(1))
+    st += prop(0, f"linux-kho,{COMPAT}".encode() + b"\0") + prop(11, identity.encode_instance(1))
     st += b"".join(prop(len(head) + i, b"") for i in range(count))
     st += struct.pack(">II", 2, 9)
     off_struct = 40 + 16
@@ -89,17 +89,17 @@ def test_the_maximum_depth_is_accepted_one_more_is_refused() -> None:
 
 
 def test_the_builder_refuses_what_the_reader_refuses() -> None:
-    b = fdt.start_storage(COMPAT, 1)
+    b = fragment.start_storage(COMPAT, 1)
     for _ in range(fdt.MAX_DEPTH - 1):
         b.begin_node("a")
     with pytest.raises(FragmentError, match="deeper"):
         b.begin_node("a")
     validate(b.finish_storage())
     with pytest.raises(FragmentError, match="longer"):
-        fdt.start_storage(COMPAT, 1).begin_node("n" * (fdt.MAX_NAME_LEN + 1))
+        fragment.start_storage(COMPAT, 1).begin_node("n" * (fdt.MAX_NAME_LEN + 1))
     with pytest.raises(FragmentError, match="longer"):
-        fdt.start_storage(COMPAT, 1).property_u32("p" * (fdt.MAX_NAME_LEN + 1), 1)
-    b = fdt.start_storage(COMPAT, 1)
+        fragment.start_storage(COMPAT, 1).property_u32("p" * (fdt.MAX_NAME_LEN + 1), 1)
+    b = fragment.start_storage(COMPAT, 1)
     b.property_u32("p" * fdt.MAX_NAME_LEN, 1)
     b.begin_node("n" * fdt.MAX_NAME_LEN)
     validate(b.finish_storage())

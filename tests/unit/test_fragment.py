@@ -1,4 +1,4 @@
-"""khod.fragment: every refusal reason, and hostile input never escapes FragmentError."""
+"""khod_wire.fragment: every refusal reason, and hostile input never escapes FragmentError."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from khod import fdt
-from khod.errors import FragmentError, FragmentMismatch, FragmentTooLarge
-from khod.fragment import FragmentInfo, validate_fragment
+from khod_wire import fdt
+from khod_wire.errors import FragmentError, FragmentMismatch, FragmentTooLarge
+from khod_wire.fragment import FragmentInfo, start_storage, validate_fragment
 
 COMPATIBLE = "cloud-hypervisor,vm-v1"
 
 
 def fragment(instance: int | str = 3, *, compatible: str = COMPATIBLE) -> bytes:
-    b = fdt.start_storage(compatible, instance)
+    b = start_storage(compatible, instance)
     b.property_string("state", "running")
     b.property_bytes("config", bytes(range(64)))
     with b.node("devices"):

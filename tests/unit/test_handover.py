@@ -19,7 +19,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from khod.errors import (
+from khod.handover import Changes, Handover, Outgoing, Participant, Transition
+from khod.lifecycle import HandoverState, ParticipantState
+from khod_wire.errors import (
     Busy,
     IllegalTransition,
     KhodError,
@@ -29,8 +31,6 @@ from khod.errors import (
     RegistrationError,
     UnknownParticipant,
 )
-from khod.handover import Changes, Handover, Outgoing, Participant, Transition
-from khod.lifecycle import HandoverState, ParticipantState
 
 H = HandoverState
 P = ParticipantState

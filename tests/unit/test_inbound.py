@@ -7,7 +7,7 @@ import asyncio
 import aiomqtt
 from paho.mqtt.client import MQTTMessage
 
-from khod.transport import MESSAGE_OVERHEAD, InboundQueue, message_size, properties
+from khod_wire.transport import MESSAGE_OVERHEAD, InboundQueue, message_size, properties
 
 TOPIC = "khod/v1/h/p/vm-a/req/fragment"
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from khod import cli, fdt
+from khod import cli
 from khod.payload import PayloadEntry, PayloadImage, assemble
+from khod_wire import fragment
 
 HID = "7d3c1b2a-0f9e-4d8c-b7a6-5e4d3c2b1a09"
 PARTICIPANTS: list[tuple[str, str, int | str]] = [
@@ -24,7 +25,7 @@ PARTICIPANTS: list[tuple[str, str, int | str]] = [
 def image(tmp_path: Path) -> Path:
     entries = []
     for name, compatible, instance in PARTICIPANTS:
-        b = fdt.start_storage(compatible, instance)
+        b = fragment.start_storage(compatible, instance)
         b.property_string("owner", name)
         blob = b.finish_storage()
         entries.append(
@@ -126,7 +127,7 @@ def test_console_script(image: Path) -> None:
 
 
 def test_inspect_base_option_reads_an_image_built_for_a_physical_base(tmp_path: Path) -> None:
-    blob = fdt.start_storage("test,base-v1", 1).finish_storage()
+    blob = fragment.start_storage("test,base-v1", 1).finish_storage()
     entry = PayloadEntry("p", "test,base-v1", 1, blob, hashlib.sha256(blob).digest())
     path = tmp_path / "based.kho"
     path.write_bytes(assemble("00000000-0000-4000-8000-000000000000", [entry], base=0x8000_0000))

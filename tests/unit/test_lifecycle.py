@@ -17,7 +17,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from khod.errors import IllegalTransition, LifecycleError, OrderingError
 from khod.lifecycle import (
     ABORTABLE,
     ACTIVE,
@@ -42,6 +41,7 @@ from khod.lifecycle import (
     participant_next,
     restore_next,
 )
+from khod_wire.errors import IllegalTransition, LifecycleError, OrderingError
 
 # -- the expected tables, from the design's diagrams -------------------------
 
@@ -386,6 +386,6 @@ def test_order_unknown_name_is_refused(after: dict[str, list[str]], data: st.Dat
 
 def test_the_wire_names_the_same_running_states_as_the_tables() -> None:
     from khod.lifecycle import ACTIVE
-    from khod.protocol import RUNNING_STATES
+    from khod_wire.protocol import RUNNING_STATES
 
     assert {str(s) for s in ACTIVE} == RUNNING_STATES

@@ -23,10 +23,10 @@ import pytest
 from khod import backend, luo, luo_service
 from khod.config import Settings, load_settings
 from khod.daemon import Daemon
-from khod.errors import ConfigError
-from khod.fdt import start_storage
 from khod.luo_handoff import IMAGE_TOKEN, LuoHandoff, session_name
 from khod.store import Store
+from khod_wire.errors import ConfigError
+from khod_wire.fragment import start_storage
 from tests.fakes import Recorder
 
 

@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from khod.monitor import MonitorState, fmt_seconds, participants_table, status_header
-from khod.protocol import (
+from khod_wire.protocol import (
     DaemonStatus,
     HandoverSignal,
     HandoverStatus,

@@ -1,4 +1,4 @@
-"""khod.names: what a participant's name, compatible and instance may look like.
+"""khod_wire.identity: what a participant's name, compatible and instance may look like.
 
 The rules are restated here character by character (not with the module's
 regular expressions): a name is an MQTT topic level and an FDT node name.
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from khod.errors import LifecycleError, RegistrationError
-from khod.names import (
+from khod_wire.errors import LifecycleError, RegistrationError
+from khod_wire.identity import (
     MAX_INSTANCE_INT,
     check_compatible,
     check_host,

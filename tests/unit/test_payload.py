@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from khod import fdt
-from khod.errors import PayloadError
-from khod.fragment import validate_fragment
 from khod.payload import PayloadEntry, PayloadImage, assemble
+from khod_wire import fdt, identity
+from khod_wire.errors import PayloadError
+from khod_wire.fragment import start_storage, validate_fragment
 
 HID = "2b1f6a8e-8f53-4c1e-9d0a-5f1c2e3d4b5a"
 PAGE = 4096
@@ -29,7 +29,7 @@ def instance_of(i: int) -> int | str:
 
 
 def fragment(compatible: str, instance: int | str, filler: int = 100) -> bytes:
-    b = fdt.start_storage(compatible, instance)
+    b = start_storage(compatible, instance)
     b.property_bytes("state", bytes([len(str(instance))]) * filler)
     with b.node("memfd"):
         b.property_u32("token", 7)
@@ -264,7 +264,7 @@ def link(i: int, offset: int, **override: bytes | None) -> list[tuple[str, bytes
     blob = FRAGS[i]
     props: dict[str, bytes | None] = {
         "compatible": b"linux-kho,x,y\0",
-        "instance": fdt.encode_instance(i),
+        "instance": identity.encode_instance(i),
         "preserved-data": struct.pack("=Q", offset),
         "blob-size": struct.pack("=Q", len(blob)),
         "sha256": hashlib.sha256(blob).digest(),
@@ -386,7 +386,7 @@ def test_bad_link_property(prop: str, value: bytes, message: str) -> None:
 
 def test_link_and_fragment_disagree() -> None:
     links_, layout = good_layout()
-    links_[1] = link(1, 2 * PAGE, instance=fdt.encode_instance(9))
+    links_[1] = link(1, 2 * PAGE, instance=identity.encode_instance(9))
     refused(craft(links_, layout), r"participant 'p1' at offset 0x2000: root instance is 1")
     links_, layout = good_layout()
     links_[1] = link(1, 2 * PAGE, compatible=b"linux-kho,x,z\0")
@@ -395,7 +395,7 @@ def test_link_and_fragment_disagree() -> None:
 
 def test_duplicate_compatible_and_instance_in_links() -> None:
     links_, layout = good_layout()
-    links_[2] = link(2, 3 * PAGE, instance=fdt.encode_instance(1))
+    links_[2] = link(2, 3 * PAGE, instance=identity.encode_instance(1))
     refused(craft(links_, layout), "participants 'p1' and 'p2' share compatible and instance")
 
 

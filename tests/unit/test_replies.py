@@ -12,9 +12,9 @@ import pytest
 
 from khod.config import Settings
 from khod.daemon import Daemon
-from khod.protocol import JSON, MAX_CORRELATION_DATA, ControlOp, Reply, Topics
 from khod.replies import ReplyCache
 from khod.store import Store
+from khod_wire.protocol import JSON, MAX_CORRELATION_DATA, ControlOp, Reply, Topics
 from tests.fakes import Recorder
 
 TOPIC = "khod/v1/host/p/vm-a/req/frozen"

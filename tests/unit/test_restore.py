@@ -11,16 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from khod.errors import (
+from khod.handover import Changes
+from khod.lifecycle import HostRestoreState, RestoreState
+from khod.restore import Claim, Incoming
+from khod_wire.errors import (
     Busy,
     IllegalTransition,
     KhodError,
     OrderingError,
     UnknownParticipant,
 )
-from khod.handover import Changes
-from khod.lifecycle import HostRestoreState, RestoreState
-from khod.restore import Claim, Incoming
 
 R = RestoreState
 RESTORING, RELEASED = HostRestoreState.RESTORING, HostRestoreState.RELEASED

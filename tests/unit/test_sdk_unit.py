@@ -13,21 +13,21 @@ from hypothesis import strategies as st
 
 import khod_client
 from khod.config import Settings
-from khod.errors import ProtocolError, RegistrationError, RemoteError, RequestTimeout
-from khod.protocol import (
-    HandoverSignal,
-    HandoverStatus,
-    ParticipantStatus,
-    load_status,
-    parse_status,
-    reply_data,
-)
 from khod_client import FragmentReceipt, HandoverCancelled, Participant
 from khod_client._events import (
     Began,
     Cancelled,
     MayFreeze,
     Tracker,
+)
+from khod_wire.errors import ProtocolError, RegistrationError, RemoteError, RequestTimeout
+from khod_wire.protocol import (
+    HandoverSignal,
+    HandoverStatus,
+    ParticipantStatus,
+    load_status,
+    parse_status,
+    reply_data,
 )
 
 ME = "vm-1"

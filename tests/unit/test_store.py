@@ -17,8 +17,8 @@ from types import MappingProxyType, ModuleType
 
 import pytest
 
-from khod.errors import StoreError
 from khod.store import DB_NAME, SCHEMA_VERSION, Store, Transition
+from khod_wire.errors import StoreError
 
 
 def _load_child_module() -> ModuleType:

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from khod.errors import ProtocolError
-from khod.protocol import (
+from khod_wire.errors import ProtocolError
+from khod_wire.protocol import (
     PROTOCOL_VERSION,
     REQUEST_MODELS,
     AbortRequest,

@@ -13,8 +13,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from khod.errors import BrokerRefused, NotAuthorized
-from khod.transport import PAHO_LOG, BrokerURL, Connection, _Client, refusal
+from khod_wire.errors import BrokerRefused, NotAuthorized
+from khod_wire.transport import PAHO_LOG, BrokerURL, Connection, _Client, refusal
 
 
 @pytest.mark.parametrize("callback", ["open", "register_write"])
@@ -113,7 +113,7 @@ def test_fast_publish_properties_pack_as_pahos_own(kw: dict[str, Any]) -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from khod.transport import properties
+    from khod_wire.transport import properties
 
     slow = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     if "expiry" in kw:

@@ -40,7 +40,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from khod.errors import BrokerRefused, ConfigError, NotAuthorized, RequestTimeout
+from khod_wire.errors import BrokerRefused, ConfigError, NotAuthorized, RequestTimeout
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from khod.errors import ProtocolError, RemoteError
+from khod_wire.errors import ProtocolError, RemoteError
 
 #: The version of the message bodies (the ``v1`` in the topic root is the
 #: layout of the topic tree). Version 2 made the handover broadcast O(1).

@@ -1,4 +1,4 @@
-"""Thin typed wrapper over libfdt, and the builder participants use for fragments.
+"""The libfdt layer: a sequential writer, a checked reader and a dts printer.
 
 Writing goes through libfdt's sequential writer (``FdtSw``); checking goes
 through ``fdt_check_full``. Reading walks the structure block in Python, but
@@ -13,16 +13,8 @@ Conventions (the payload format in the design contract relies on them):
   writes them.
 - Values a participant writes with ``property_u32`` / ``property_u64``
   follow the devicetree convention: **big-endian cells**.
-  ``property_u64_native`` is there for participants that want the KHO one.
-- An integer ``instance`` is one big-endian u32 cell (``instance = <3>``,
-  0..2**32-1). A string ``instance`` is a NUL-terminated string of 1 to 64
-  printable ASCII characters.
-- Decoding an instance: a NUL-terminated run of printable ASCII is a string,
-  otherwise exactly 4 bytes are an integer. A 3-character string and an
-  integer share the same 4-byte length, so integers whose cell reads as a
-  printable 3-character string (e.g. ``0x61626300``, "abc") are refused by
-  ``encode_instance``: encoding and decoding stay a bijection. Every integer
-  below ``0x20202000`` (538 976 256) is always accepted.
+  (``FragmentBuilder.property_u64_native`` writes the KHO one.)
+- How an ``instance`` is written is :mod:`khod_wire.identity`'s business.
 - Names follow dtc's rules (dtc refuses trees that break them): node names
   use ``[A-Za-z0-9,._+-]`` plus at most one ``@`` after a non-empty base;
   property names use ``[A-Za-z0-9,._+*#?-]``. ``name``, ``phandle`` and
@@ -37,20 +29,17 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import libfdt
 
-from khod.errors import FragmentError
+from khod_wire.errors import FragmentError
 
-KHO_COMPATIBLE_PREFIX = "linux-kho,"
 FDT_VERSION = 17
 FDT_MAGIC = 0xD00DFEED
 FDT_HEADER_SIZE = 40
-INSTANCE_MAX_LEN = 64
 #: Nodes on the path from the root to the deepest node, the root included.
 #: Linux unflattens at most 64 (FDT_MAX_DEPTH); nothing a component hands
 #: over needs more than a few, and a bound keeps hostile nesting cheap.
@@ -62,66 +51,17 @@ MAX_NAME_LEN = 255
 
 _NODE_RE = re.compile(r"[A-Za-z0-9,._+-]+(@[A-Za-z0-9,._+-]*)?")
 _PROP_RE = re.compile(r"[A-Za-z0-9,._+*#?-]+")
-_COMPATIBLE_RE = re.compile(r"[\x21-\x7e]+")
 _LONG_NAME_RE = re.compile(b"[^\\0]{%d}" % (MAX_NAME_LEN + 1))
-_RESERVED_PROPS = frozenset({"name", "phandle", "linux,phandle"})
 _PRINTABLE = frozenset(range(0x20, 0x7F))
+_RESERVED_PROPS = frozenset({"name", "phandle", "linux,phandle"})
 _BEGIN_NODE, _END_NODE, _PROP, _NOP, _END = 1, 2, 3, 4, 9
 _U32 = struct.Struct(">I")
-_NATIVE_U64 = "=Q"  # '=' is native byte order with standard sizes: KHO's convention
+#: How KHO writes its own u64 values (preserved-data, blob-size).
+NATIVE_U64 = "=Q"  # '=' is native byte order with standard sizes: KHO's convention
 
 
 def _align4(n: int) -> int:
     return (n + 3) & ~3
-
-
-# -- instance ----------------------------------------------------------------
-
-
-def _instance_string(raw: bytes) -> str | None:
-    body = raw[:-1]
-    if (
-        raw.endswith(b"\0")
-        and 0 < len(body) <= INSTANCE_MAX_LEN
-        and all(b in _PRINTABLE for b in body)
-    ):
-        return body.decode("ascii")
-    return None
-
-
-def encode_instance(instance: int | str) -> bytes:
-    """The ``instance`` property value; ValueError if the instance is not encodable."""
-    if isinstance(instance, bool) or not isinstance(instance, int | str):
-        raise ValueError(f"instance must be an int or a str, got {type(instance).__name__}")
-    if isinstance(instance, str):
-        raw = instance.encode("ascii", "replace") + b"\0"
-        if _instance_string(raw) != instance:
-            raise ValueError(
-                f"instance string {instance!r} must be 1 to {INSTANCE_MAX_LEN} "
-                "printable ASCII characters"
-            )
-        return raw
-    if not 0 <= instance <= 0xFFFFFFFF:
-        raise ValueError(f"instance {instance} is out of the u32 range 0..{0xFFFFFFFF}")
-    raw = _U32.pack(instance)
-    if _instance_string(raw) is not None:
-        raise ValueError(
-            f"instance {instance} (0x{instance:08x}) reads back as the string "
-            f"{_instance_string(raw)!r}; use that string or another integer"
-        )
-    return raw
-
-
-def decode_instance(raw: bytes) -> int | str:
-    """The instance an ``instance`` property holds; FragmentError if it holds neither kind."""
-    text = _instance_string(bytes(raw))
-    if text is not None:
-        return text
-    if len(raw) == 4:
-        return int(_U32.unpack(raw)[0])
-    raise FragmentError(
-        f"instance {bytes(raw)[:16].hex()} is neither a u32 cell nor a printable string"
-    )
 
 
 # -- names -------------------------------------------------------------------
@@ -282,103 +222,14 @@ class FdtWriter:
         return bytes(fdt.as_bytearray())
 
 
-class FragmentBuilder:
-    """A participant's fragment, written in order, like KHO's start/finish_storage.
-
-    Create it with :func:`start_storage`. The root already holds
-    ``compatible = "linux-kho,<compatible>"`` and ``instance``; add properties
-    (before subnodes), nest nodes with :meth:`node`, then :meth:`finish_storage`.
-    Misuse raises :class:`FragmentError` with the rule that was broken.
-    """
-
-    def __init__(self, compatible: str, instance: int | str, *, size_hint: int = 1024) -> None:
-        check_compatible(compatible)
-        self._w = FdtWriter(size_hint)
-        self._w.begin_node("")
-        self._w.property("compatible", (KHO_COMPATIBLE_PREFIX + compatible).encode() + b"\0")
-        self._w.property("instance", encode_instance(instance))
-
-    def _put(self, name: str, value: bytes) -> None:
-        if self._w.depth == 1 and name in ("compatible", "instance"):
-            raise FragmentError(f"the root {name!r} is written by start_storage(); not twice")
-        self._w.property(name, value)
-
-    def property_bytes(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        self._put(name, bytes(data))
-
-    def property_string(self, name: str, value: str) -> None:
-        self._put(name, _encode_string(name, value))
-
-    def property_strings(self, name: str, values: Sequence[str]) -> None:
-        if isinstance(values, str):
-            raise TypeError(f"property_strings({name!r}) takes a sequence of str, not a str")
-        self._put(name, b"".join(_encode_string(name, v) for v in values))
-
-    def property_u32(self, name: str, value: int) -> None:
-        self._put(name, _pack_int(name, ">I", value, 32))
-
-    def property_u64(self, name: str, value: int) -> None:
-        self._put(name, _pack_int(name, ">Q", value, 64))
-
-    def property_u64_native(self, name: str, value: int) -> None:
-        self._put(name, _pack_int(name, _NATIVE_U64, value, 64))
-
-    def begin_node(self, name: str) -> None:
-        self._w.begin_node(name)
-
-    def end_node(self) -> None:
-        if self._w.depth == 1:
-            raise FragmentError("end_node() without a matching begin_node()")
-        self._w.end_node()
-
-    @contextmanager
-    def node(self, name: str) -> Iterator[FragmentBuilder]:
-        self.begin_node(name)
-        yield self
-        self.end_node()
-
-    def finish_storage(self) -> bytes:
-        """Close open nodes and return the minimal blob; later calls raise."""
-        return self._w.finish()
-
-
-def start_storage(
-    compatible: str, instance: int | str, *, size_hint: int = 1024
-) -> FragmentBuilder:
-    """Begin a fragment for ``compatible`` (without the ``linux-kho,`` prefix) and ``instance``."""
-    return FragmentBuilder(compatible, instance, size_hint=size_hint)
-
-
-def check_compatible(compatible: str) -> None:
-    """ValueError unless ``compatible`` is non-empty printable ASCII without spaces or prefix."""
-    if not isinstance(compatible, str) or not _COMPATIBLE_RE.fullmatch(compatible):
-        raise ValueError(f"compatible {compatible!r} must be non-empty printable ASCII, no spaces")
-    if compatible.startswith(KHO_COMPATIBLE_PREFIX):
-        raise ValueError(
-            f"give compatible {compatible!r} without the {KHO_COMPATIBLE_PREFIX!r} prefix"
-        )
-
-
-def _encode_string(name: str, value: str) -> bytes:
-    if not isinstance(value, str) or "\0" in value:
-        raise FragmentError(f"property {name!r}: {value!r} is not a str without NUL")
-    return value.encode() + b"\0"
-
-
-def _pack_int(name: str, fmt: str, value: int, bits: int) -> bytes:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << bits:
-        raise FragmentError(f"property {name!r}: {value!r} is not a u{bits}")
-    return struct.pack(fmt, value)
-
-
 def native_u64(value: int) -> bytes:
     """``value`` as KHO writes it: a native-endian u64."""
-    return struct.pack(_NATIVE_U64, value)
+    return struct.pack(NATIVE_U64, value)
 
 
 def read_native_u64(raw: bytes) -> int:
     """The inverse of :func:`native_u64`; ``raw`` must be 8 bytes."""
-    return int(struct.unpack(_NATIVE_U64, raw)[0])
+    return int(struct.unpack(NATIVE_U64, raw)[0])
 
 
 # -- reading -----------------------------------------------------------------
