@@ -65,7 +65,8 @@ from khod_wire.protocol import (
     Topics,
     encode,
 )
-from khod_wire.transport import BrokerURL, Connection, client_id, message_props, payload_bytes
+from khod_wire.transport import Connection, client_id
+from khod_wire.urls import BrokerURL
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPATIBLE = "bench,p-v1"
@@ -103,6 +104,26 @@ def summary(samples: Sequence[float]) -> dict[str, Any]:
         "max": max(samples),
         "samples": list(samples),
     }
+
+
+def payload_bytes(m: aiomqtt.Message) -> bytes:
+    """A bare aiomqtt message's payload as bytes (paho may hand over other types)."""
+    p = m.payload
+    if isinstance(p, bytes | bytearray):
+        return bytes(p)
+    return b"" if p is None else str(p).encode()
+
+
+def message_props(m: aiomqtt.Message) -> tuple[str | None, str | None, bytes | None]:
+    """(content type, response topic, correlation data) of a bare aiomqtt message."""
+    p = m.properties
+    if p is None:
+        return None, None, None
+    return (
+        getattr(p, "ContentType", None),
+        getattr(p, "ResponseTopic", None),
+        getattr(p, "CorrelationData", None),
+    )
 
 
 def set_nodelay(client: aiomqtt.Client) -> None:
@@ -621,8 +642,8 @@ def operator(url: str, host: str) -> Connection:
 
 async def control(op: Connection, host: str, which: ControlOp, body: bytes) -> None:
     m = await op.request(Topics(host).control(which), body, content_type=JSON, timeout=60)
-    if not reply_ok(payload_bytes(m)):
-        raise RuntimeError(f"{which} refused: {payload_bytes(m)[:500]!r}")
+    if not reply_ok(m.payload):
+        raise RuntimeError(f"{which} refused: {m.payload[:500]!r}")
 
 
 @dataclass
@@ -881,7 +902,7 @@ class Bench:
                     m = await op.request(
                         topics.control(ControlOp.STATUS), status_body, content_type=JSON, timeout=60
                     )
-                    return payload_bytes(m)
+                    return m.payload
 
                 out["status_s"], out["status_errors"] = await timed(status, count)
                 reg = await part.request(
@@ -890,8 +911,8 @@ class Bench:
                     content_type=JSON,
                     timeout=60,
                 )
-                if not reply_ok(payload_bytes(reg)):
-                    raise RuntimeError(f"register refused: {payload_bytes(reg)[:300]!r}")
+                if not reply_ok(reg.payload):
+                    raise RuntimeError(f"register refused: {reg.payload[:300]!r}")
                 await control(
                     op,
                     host,
@@ -908,7 +929,7 @@ class Bench:
                         content_type=DTB,
                         timeout=60,
                     )
-                    return payload_bytes(m)
+                    return m.payload
 
                 out["fragment_s"], out["fragment_errors"] = await timed(submit, count)
         finally:

@@ -30,11 +30,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import aiomqtt
-
 from khod.broker import PrivateBroker
 from khod_client import Participant
 from khod_wire.fragment import start_storage
+from khod_wire.message import Message
 from khod_wire.protocol import (
     DTB,
     JSON,
@@ -46,7 +45,8 @@ from khod_wire.protocol import (
     Topics,
     encode,
 )
-from khod_wire.transport import BrokerURL, Connection, client_id, message_props, payload_bytes
+from khod_wire.transport import Connection, client_id
+from khod_wire.urls import BrokerURL
 
 
 def machine() -> str:
@@ -97,10 +97,11 @@ async def echo_responder(url: str) -> None:
     """The baseline's other end: answers every request at once, in its own process."""
     conn: Connection
 
-    async def echo(m: aiomqtt.Message) -> None:
-        _, reply, corr = message_props(m)
-        if reply:
-            await conn.publish(reply, bytes(m.payload), content_type=JSON, correlation=corr)
+    async def echo(m: Message) -> None:
+        if m.response_topic:
+            await conn.publish(
+                m.response_topic, m.payload, content_type=JSON, correlation=m.correlation
+            )
 
     conn = Connection(
         BrokerURL.parse(url),
@@ -225,8 +226,8 @@ async def handover(url: str, host: str, n: int, procs: int) -> tuple[float, floa
             assert (await w.stdout.readline()).strip() == b"ready"
         committed: asyncio.Future[HandoverStatus] = asyncio.get_running_loop().create_future()
 
-        async def watch(m: aiomqtt.Message) -> None:
-            h = HandoverStatus.model_validate_json(payload_bytes(m))
+        async def watch(m: Message) -> None:
+            h = HandoverStatus.model_validate_json(m.payload)
             if h.state == "committed" and not committed.done():
                 committed.set_result(h)
 

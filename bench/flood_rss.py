@@ -28,8 +28,10 @@ from pathlib import Path
 import aiomqtt
 
 from khod.broker import PrivateBroker
+from khod_wire._mqtt import properties
 from khod_wire.protocol import JSON, ControlOp, ParticipantOp, Topics
-from khod_wire.transport import BrokerURL, Connection, client_id, properties
+from khod_wire.transport import Connection, client_id
+from khod_wire.urls import BrokerURL
 
 ROOT = Path(__file__).resolve().parent.parent
 

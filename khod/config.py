@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from khod_wire import identity
 from khod_wire.errors import ConfigError, RegistrationError
 from khod_wire.identity import default_host_id
-from khod_wire.transport import BrokerURL, read_password_file
+from khod_wire.urls import BrokerURL, read_password_file
 
 _FILE_DATA: ContextVar[dict[str, Any] | None] = ContextVar("khod_config_file", default=None)
 

@@ -35,8 +35,10 @@ from khod.monitor import MonitorState
 from khod.payload import PayloadImage
 from khod_client import HandoverCancelled, Participant
 from khod_wire.errors import ConfigError, KhodError
+from khod_wire.message import Message
 from khod_wire.protocol import JSON, BeginRequest, ControlOp, Topics, encode, reply_data
-from khod_wire.transport import BrokerURL, Connection, client_id, payload_bytes
+from khod_wire.transport import Connection, client_id
+from khod_wire.urls import BrokerURL
 
 KINDS = [
     ("iommufd", "iommufd,ioas-v1"),
@@ -161,12 +163,12 @@ class Operator:
         )
         self.conn.reply_topic = self.topics.control_reply(self.conn.identifier)
 
-    async def _ingest(self, message: Any) -> None:
-        self.monitor.ingest(message.topic.value, bytes(message.payload))
+    async def _ingest(self, message: Message) -> None:
+        self.monitor.ingest(message.topic, message.payload)
 
     async def control(self, op: ControlOp, body: bytes = b"{}") -> dict[str, Any]:
         m = await self.conn.request(self.topics.control(op), body, content_type=JSON, timeout=30)
-        return reply_data(op, payload_bytes(m))
+        return reply_data(op, m.payload)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Operator]:

@@ -25,7 +25,6 @@ import sys
 import time
 from typing import Any
 
-import aiomqtt
 from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
@@ -47,6 +46,7 @@ from khod_wire.errors import (
     RemoteError,
     RequestTimeout,
 )
+from khod_wire.message import Message
 from khod_wire.protocol import (
     JSON,
     AbortRequest,
@@ -63,7 +63,7 @@ from khod_wire.protocol import (
     encode,
     reply_data,
 )
-from khod_wire.transport import Connection, client_id, payload_bytes
+from khod_wire.transport import Connection, client_id
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 #: ``monitor --once``: the broker sends retained messages right after the
@@ -160,9 +160,9 @@ async def request(settings: Settings, op: ControlOp, body: Request, timeout: flo
     ident = client_id("khod-ctl")
     daemon: list[DaemonStatus] = []
 
-    async def on_message(m: aiomqtt.Message) -> None:
+    async def on_message(m: Message) -> None:
         # Only to say more than "no answer" when the daemon is known offline.
-        d = parse(DaemonStatus, payload_bytes(m))
+        d = parse(DaemonStatus, m.payload)
         if d is not None:
             daemon[:] = [d]
 
@@ -184,7 +184,7 @@ async def request(settings: Settings, op: ControlOp, body: Request, timeout: flo
         with contextlib.suppress(asyncio.CancelledError):
             await bus
     try:
-        data = reply_data(op, payload_bytes(message))
+        data = reply_data(op, message.payload)
     except RemoteError as exc:
         raise Failed(EXIT_REFUSED, str(exc)) from None
     except ProtocolError as exc:
@@ -283,8 +283,8 @@ async def monitor(args: argparse.Namespace, settings: Settings) -> int:
     state = MonitorState(settings.host_id)
     changed = asyncio.Event()
 
-    async def on_message(m: aiomqtt.Message) -> None:
-        state.ingest(m.topic.value, payload_bytes(m))
+    async def on_message(m: Message) -> None:
+        state.ingest(m.topic, m.payload)
         changed.set()
 
     async def on_connect() -> None:

@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import IO
 
-import aiomqtt
-
 from khod import __version__, backend, luo_service, sdnotify
 from khod.atomicfile import remove_stale_temps
 from khod.config import Settings, load_settings
@@ -29,8 +27,9 @@ from khod.daemon import Daemon
 from khod.luo_handoff import LuoHandoff
 from khod.store import Store
 from khod_wire.errors import ConfigError, KhodError
+from khod_wire.message import Message, Will
 from khod_wire.protocol import JSON, DaemonStatus, Topics, encode
-from khod_wire.transport import Connection, message_props, properties
+from khod_wire.transport import Connection
 
 log = logging.getLogger("khod")
 
@@ -110,13 +109,7 @@ async def _serve(
         max_inbound_bytes=MAX_INBOUND_BYTES,
         # Requests and wills sent while the daemon restarts wait for it.
         session_expiry=SESSION_EXPIRY,
-        will=aiomqtt.Will(
-            topics.daemon,
-            offline,
-            qos=1,
-            retain=True,
-            properties=properties(content_type=JSON),
-        ),
+        will=Will(topics.daemon, offline, retain=True, content_type=JSON),
     )
     daemon = Daemon(
         settings,
@@ -127,8 +120,9 @@ async def _serve(
     )
     luo_service.load_incoming(daemon, handoff, restore)
 
-    async def on_message(m: aiomqtt.Message) -> None:
-        await daemon.handle(m.topic.value, m.payload, message_props(m), retain=m.retain)
+    async def on_message(m: Message) -> None:
+        props = (m.content_type, m.response_topic, m.correlation)
+        await daemon.handle(m.topic, m.payload, props, retain=m.retain)
 
     conn.on_message = on_message
     conn.on_connect = daemon.publish_all

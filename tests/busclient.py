@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from khod_wire.errors import RemoteError
+from khod_wire.message import Message
 from khod_wire.protocol import (
     DTB,
     JSON,
@@ -22,7 +23,8 @@ from khod_wire.protocol import (
     Request,
     Topics,
 )
-from khod_wire.transport import BrokerURL, Connection, client_id, message_props
+from khod_wire.transport import Connection, client_id
+from khod_wire.urls import BrokerURL
 
 
 class RawClient:
@@ -59,8 +61,7 @@ class RawClient:
         m = await self.conn.request(
             topic, body, content_type=content_type, timeout=timeout, correlation=correlation
         )
-        ctype, _, _ = message_props(m)
-        return bytes(m.payload), ctype
+        return m.payload, m.content_type
 
     async def op(self, op: ParticipantOp | ControlOp, body: bytes | dict[str, Any] = b"") -> Any:
         """The reply as a dict (JSON) or bytes (a raw fragment)."""
@@ -103,8 +104,8 @@ async def watcher(url: str, *topics: str) -> AsyncIterator[dict[str, bytes]]:
     """Latest payload of every topic matching ``topics``, kept up to date."""
     latest: dict[str, bytes] = {}
 
-    async def keep(m: Any) -> None:
-        latest[m.topic.value] = bytes(m.payload)
+    async def keep(m: Message) -> None:
+        latest[m.topic] = m.payload
 
     conn = Connection(
         BrokerURL.parse(url), identifier=client_id("watch"), subscriptions=topics, on_message=keep

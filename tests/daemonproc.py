@@ -108,7 +108,8 @@ def read_retained(url: str, topic: str, timeout: float = 2.0) -> bytes | None:
     """The retained message of ``topic``, via a throwaway plain aiomqtt client."""
     import aiomqtt
 
-    from khod_wire.transport import BrokerURL, client_id
+    from khod_wire.transport import client_id
+    from khod_wire.urls import BrokerURL
 
     async def _read() -> bytes | None:
         u = BrokerURL.parse(url)

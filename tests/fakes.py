@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from khod.daemon import Daemon
+    from khod_wire.message import Publication
     from khod_wire.protocol import Reply
-    from khod_wire.transport import Publication
 
 
 class Recorder:

@@ -30,8 +30,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-import aiomqtt
-
 from khod_client._events import (
     Began,
     Cancelled,
@@ -43,6 +41,7 @@ from khod_client._events import (
 )
 from khod_wire import fragment, identity
 from khod_wire.errors import KhodError, PayloadError, ProtocolError, RequestTimeout
+from khod_wire.message import Message, Will
 from khod_wire.protocol import (
     DTB,
     JSON,
@@ -59,14 +58,8 @@ from khod_wire.protocol import (
     parse_status,
     reply_data,
 )
-from khod_wire.transport import (
-    BrokerURL,
-    Connection,
-    message_props,
-    payload_bytes,
-    properties,
-    read_password_file,
-)
+from khod_wire.transport import Connection
+from khod_wire.urls import BrokerURL, read_password_file
 
 log = logging.getLogger("khod_client")
 
@@ -181,13 +174,7 @@ class Participant:
             identifier=identifier or f"khod-{self.host_id}-p-{self.name}",
             subscriptions=[self.topics.handover, self.topics.state(self.name)],
             on_message=self._on_message,
-            will=aiomqtt.Will(
-                self.topics.request(self.name, ParticipantOp.GONE),
-                b"{}",
-                qos=1,
-                retain=False,
-                properties=properties(content_type=JSON),
-            ),
+            will=Will(self.topics.request(self.name, ParticipantOp.GONE), b"{}", content_type=JSON),
         )
         self._conn.reply_topic = self.topics.reply(self.name)
         self._conn.on_connect = self._on_connect
@@ -233,7 +220,7 @@ class Participant:
         tasks, self._tasks = [*self._tasks, *self._background], []
         for t in tasks:
             t.cancel()
-        # Cancelling the bus task leaves aiomqtt's context: a clean DISCONNECT, no will.
+        # Cancelling the bus task ends the connection cleanly: a DISCONNECT, no will.
         await asyncio.gather(*tasks, return_exceptions=True)
         self._changed()
 
@@ -279,15 +266,15 @@ class Participant:
         """The id of the handover this participant takes (or last took) part in."""
         return self._tracker.current
 
-    async def _on_message(self, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
+    async def _on_message(self, message: Message) -> None:
+        topic = message.topic
         try:
             if topic == self.topics.handover:
-                signal = parse_status(HandoverSignal, payload_bytes(message))
+                signal = parse_status(HandoverSignal, message.payload)
                 if signal is not None:
                     self._events(self._tracker.observe(signal))
             elif topic == self.topics.state(self.name):
-                state = parse_status(ParticipantStatus, payload_bytes(message))
+                state = parse_status(ParticipantStatus, message.payload)
                 if state is not None:
                     self._events(self._tracker.observe_state(state))
         except KhodError as exc:
@@ -398,7 +385,7 @@ class Participant:
 
     # -- requests ------------------------------------------------------------
 
-    async def _request(self, op: ParticipantOp, body: bytes, content_type: str) -> aiomqtt.Message:
+    async def _request(self, op: ParticipantOp, body: bytes, content_type: str) -> Message:
         self._check_running()
         return await self._conn.request(
             self.topics.request(self.name, op),
@@ -409,7 +396,7 @@ class Participant:
 
     async def _call(self, op: ParticipantOp, req: Request) -> dict[str, Any]:
         message = await self._request(op, encode(req), JSON)
-        data = reply_data(op, payload_bytes(message))
+        data = reply_data(op, message.payload)
         self._observe_reply(data)
         return data
 
@@ -446,7 +433,7 @@ class Participant:
         """
         blob = bytes(fragment)
         message = await self._request(ParticipantOp.FRAGMENT, blob, DTB)
-        data = reply_data(ParticipantOp.FRAGMENT, payload_bytes(message))
+        data = reply_data(ParticipantOp.FRAGMENT, message.payload)
         receipt = FragmentReceipt.from_reply(data, fragment=blob)
         self._observe_reply(data)
         return receipt
@@ -502,8 +489,7 @@ class Participant:
                 f"{self.name!r}: no incoming payload offered its fragment within {timeout:g}s"
             ) from None
         message = await self._request(ParticipantOp.RETRIEVE, encode(EmptyRequest()), JSON)
-        content_type, _, _ = message_props(message)
-        body = payload_bytes(message)
+        content_type, body = message.content_type, message.payload
         if content_type != DTB:
             reply_data(ParticipantOp.RETRIEVE, body)  # raises RemoteError for an error
             raise ProtocolError(f"retrieve: expected {DTB}, got a {content_type} reply")

@@ -19,9 +19,10 @@ import pytest
 
 from bench.flood_rss import measure, memory_kib
 from khod_wire import fdt, identity
+from khod_wire._mqtt import properties
 from khod_wire.fragment import start_storage
 from khod_wire.protocol import JSON, MAX_CORRELATION_DATA, ControlOp, ParticipantOp, Topics
-from khod_wire.transport import BrokerURL, properties
+from khod_wire.urls import BrokerURL
 from tests.busclient import RawClient
 from tests.daemonproc import ROOT, DaemonFactory, DaemonProc
 

@@ -31,7 +31,8 @@ from khod_wire.protocol import (
     Topics,
     encode,
 )
-from khod_wire.transport import BrokerURL, Connection, client_id
+from khod_wire.transport import Connection, client_id
+from khod_wire.urls import BrokerURL
 
 if TYPE_CHECKING:
     from tests.daemonproc import DaemonProc

@@ -23,8 +23,10 @@ import pytest
 
 from khod.broker import PrivateBroker
 from khod_client import NotAuthorized, Participant
+from khod_wire.message import Message
 from khod_wire.protocol import JSON, ControlOp, HandoverStatus, ParticipantOp, Topics
-from khod_wire.transport import BrokerURL, Connection, client_id, payload_bytes
+from khod_wire.transport import Connection, client_id
+from khod_wire.urls import BrokerURL
 from tests.daemonproc import DaemonProc
 
 pytestmark = pytest.mark.integration
@@ -231,8 +233,8 @@ class Watch:
         )
         self.conn.reply_topic = self.topics.control_reply(ident)
 
-    async def _record(self, m: aiomqtt.Message) -> None:
-        self.seen.append((m.topic.value, payload_bytes(m)))
+    async def _record(self, m: Message) -> None:
+        self.seen.append((m.topic, m.payload))
 
     async def status(self) -> dict[str, Any]:
         """The daemon's status; every will published before this is then in ``seen``.
@@ -243,7 +245,7 @@ class Watch:
         m = await self.conn.request(
             self.topics.control(ControlOp.STATUS), b"{}", content_type=JSON, timeout=TIMEOUT
         )
-        reply = json.loads(payload_bytes(m))
+        reply = json.loads(m.payload)
         assert reply["ok"], reply
         return reply["data"]  # type: ignore[no-any-return]
 

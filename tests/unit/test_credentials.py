@@ -8,7 +8,7 @@ import pytest
 
 from khod.config import load_settings
 from khod_wire.errors import ConfigError
-from khod_wire.transport import BrokerURL
+from khod_wire.urls import BrokerURL
 
 SECRET = "s3cr:t@/x"
 

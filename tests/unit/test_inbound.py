@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-import aiomqtt
 from paho.mqtt.client import MQTTMessage
 
-from khod_wire.transport import MESSAGE_OVERHEAD, InboundQueue, message_size, properties
+from khod_wire._mqtt import message_of, properties
+from khod_wire.inbound import MESSAGE_OVERHEAD, InboundQueue, message_size
+from khod_wire.message import Message
 
 TOPIC = "khod/v1/h/p/vm-a/req/fragment"
 
 
-def message(size: int, *, reply: bool = True, correlation: bytes = b"c" * 16) -> aiomqtt.Message:
+def message(size: int, *, reply: bool = True, correlation: bytes = b"c" * 16) -> Message:
     m = MQTTMessage(mid=1, topic=TOPIC.encode())
     m.payload = b"x" * size
     m.qos = 1
@@ -20,7 +21,7 @@ def message(size: int, *, reply: bool = True, correlation: bytes = b"c" * 16) ->
         response_topic="khod/v1/h/p/vm-a/reply" if reply else None,
         correlation=correlation if reply else None,
     )
-    return aiomqtt.Message._from_paho_message(m)  # what aiomqtt queues
+    return message_of(m)  # what the client queues
 
 
 def test_size_counts_body_topics_and_correlation() -> None:

@@ -13,8 +13,11 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
+from khod_wire._mqtt import PAHO_LOG, Client, reason
 from khod_wire.errors import BrokerRefused, NotAuthorized
-from khod_wire.transport import PAHO_LOG, BrokerURL, Connection, _Client, refusal
+from khod_wire.reasons import refusal
+from khod_wire.transport import Connection
+from khod_wire.urls import BrokerURL
 
 
 @pytest.mark.parametrize("callback", ["open", "register_write"])
@@ -29,7 +32,7 @@ async def test_a_socket_closed_before_it_is_watched_logs_nothing(callback: str) 
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    client = _Client("127.0.0.1", 1)  # never connected: only its socket callbacks run
+    client = Client("127.0.0.1", 1)  # never connected: only its socket callbacks run
     paho = client._client
     ours, theirs = socket.socketpair()
     try:
@@ -79,7 +82,7 @@ def test_refusal_codes_map_to_not_authorized_or_broker_refused() -> None:
         (PacketTypes.PUBACK, 0x97, BrokerRefused),
     ]
     for packet, code, kind in cases:
-        err = refusal("it", url, ReasonCode(packet, identifier=code))
+        err = refusal("it", url, reason(ReasonCode(packet, identifier=code)))
         assert type(err) is kind and err.reason_code == code
         assert f"(0x{code:02X})" in str(err) and "secret" not in str(err)
     assert str(refusal("x", url, 0x87)).startswith("not authorized: ")
@@ -88,9 +91,11 @@ def test_refusal_codes_map_to_not_authorized_or_broker_refused() -> None:
 async def test_a_refused_subscription_is_raised_at_once_not_waited_out() -> None:
     """mosquitto's file ACL grants subscriptions and filters delivery; other brokers refuse."""
     conn = Connection(BrokerURL.parse("unix:///nonexistent"), identifier="khod-test")
-    conn._check_suback("khod/v1/h/handover", [ReasonCode(PacketTypes.SUBACK, identifier=0x00)])
+    ok = reason(ReasonCode(PacketTypes.SUBACK, identifier=0x00))
+    conn._check_suback("khod/v1/h/handover", [ok])
     assert conn.refusal is None
-    conn._check_suback("khod/v1/h/handover", [ReasonCode(PacketTypes.SUBACK, identifier=0x87)])
+    refused = reason(ReasonCode(PacketTypes.SUBACK, identifier=0x87))
+    conn._check_suback("khod/v1/h/handover", [refused])
     with pytest.raises(NotAuthorized, match="subscription to khod/v1/h/handover"):
         await conn.wait_connected(timeout=30)
 
@@ -113,7 +118,7 @@ def test_fast_publish_properties_pack_as_pahos_own(kw: dict[str, Any]) -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from khod_wire.transport import properties
+    from khod_wire._mqtt import properties
 
     slow = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     if "expiry" in kw:
