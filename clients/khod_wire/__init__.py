@@ -6,7 +6,14 @@
 - :mod:`khod_wire.errors`: the error families, with the stable codes of replies;
 - :mod:`khod_wire.fdt`: the libfdt layer (writer, checked reader, dts);
 - :mod:`khod_wire.fragment`: a fragment, built by a participant and checked by the daemon;
-- :mod:`khod_wire.transport`: the MQTT connection (the one module that talks aiomqtt).
+- :mod:`khod_wire.urls`: where the broker is and the credentials to log in (stdlib only);
+- :mod:`khod_wire.message`: khod's own Message, Will and Publication (stdlib only);
+- :mod:`khod_wire.reasons`: the broker's reason codes and the errors they become;
+- :mod:`khod_wire.inbound`: the byte-bounded queue of received messages;
+- :mod:`khod_wire._mqtt`: the client layer, the one module that imports aiomqtt and paho;
+- :mod:`khod_wire.transport`: the reconnecting connection (publish, request/response).
+
+``tests/unit/test_layers.py`` checks the import rules.
 
 Neither the daemon (``khod``) nor the SDK (``khod_client``) is imported from here.
 """
