@@ -250,7 +250,13 @@ class Connection:
     ) -> bool:
         """Publish at QoS 1; False when not connected or refused (logged; the caller decides)."""
         message = Publication(
-            topic, payload, retain, content_type, correlation, response_topic, expiry
+            topic,
+            payload,
+            retain=retain,
+            content_type=content_type,
+            correlation=correlation,
+            response_topic=response_topic,
+            expiry=expiry,
         )
         return await self.publish_many((message,)) == 1
 
@@ -371,7 +377,12 @@ class Connection:
                 # A request nobody waits for any more must not be queued for
                 # a daemon that comes back later, and then executed.
                 message = Publication(
-                    topic, payload, False, content_type, correlation, self.reply_topic, left
+                    topic,
+                    payload,
+                    content_type=content_type,
+                    correlation=correlation,
+                    response_topic=self.reply_topic,
+                    expiry=left,
                 )
                 queued = self._queue_all(client, (message,))
                 if not queued:
