@@ -148,6 +148,8 @@ class Client(aiomqtt.Client):
     @property
     def lost(self) -> asyncio.Future[None]:
         """Done once this connection has ended (with an exception if it broke)."""
+        # aiomqtt keeps it private and offers no public way to wait for the
+        # end; this layer is the only one that reads it.
         return self._disconnected
 
     def backlog(self) -> int:
@@ -155,7 +157,7 @@ class Client(aiomqtt.Client):
         return len(self.messages)
 
     def received(self) -> AsyncIterator[Message]:
-        """The received messages, in order (LinkLost once the connection ends)."""
+        """The received messages, in order; inside :func:`connected`, LinkLost at the end."""
         # _on_message below queues khod Messages, not aiomqtt's.
         return cast("AsyncIterator[Message]", self.messages)
 
