@@ -64,7 +64,7 @@ def _printable(raw: bytes | None, limit: int) -> str | None:
 
 @dataclass(frozen=True)
 class PayloadEntry:
-    """One frozen participant's fragment, as handed to :func:`assemble`."""
+    """One frozen participant's fragment, as handed to :func:`layout`."""
 
     name: str
     compatible: str
@@ -116,21 +116,6 @@ def _link_values(entry: PayloadEntry) -> tuple[bytes, bytes, bytes]:
     return compatible, instance, restore_after
 
 
-def assemble(
-    handover_id: str,
-    entries: Sequence[PayloadEntry],
-    *,
-    base: int = 0,
-    page_size: int = DEFAULT_PAGE_SIZE,
-) -> bytes:
-    """The payload image linking ``entries`` in the given (freeze) order.
-
-    Deterministic: the same input gives the same bytes. PayloadError on a bad
-    or duplicate name, handover id or link value; ValueError on a bad layout.
-    """
-    return layout(handover_id, entries, base=base, page_size=page_size).image
-
-
 @dataclass(frozen=True)
 class Layout:
     """An assembled image, with where its root ends and each fragment starts."""
@@ -177,7 +162,11 @@ def layout(
     base: int = 0,
     page_size: int = DEFAULT_PAGE_SIZE,
 ) -> Layout:
-    """Like :func:`assemble`, and say where everything lies."""
+    """The payload image linking ``entries`` in the given (freeze) order, and where each lies.
+
+    Deterministic: the same input gives the same bytes. PayloadError on a bad
+    or duplicate name, handover id or link value; ValueError on a bad layout.
+    """
     _check_layout(base, page_size)
     hid = handover_id.encode("ascii", "replace") + b"\0"
     if _printable(hid, _HANDOVER_ID_MAX) != handover_id:
@@ -387,10 +376,6 @@ class PayloadImage:
     def _by_name(self) -> dict[str, FragmentRef]:
         return {ref.name: ref for ref in self.entries}
 
-    @cached_property
-    def _by_key(self) -> dict[tuple[str, int | str], FragmentRef]:
-        return {(ref.compatible, ref.instance): ref for ref in self.entries}
-
     @property
     def size(self) -> int:
         return len(self.data)
@@ -403,18 +388,6 @@ class PayloadImage:
         ref = self._by_name.get(name)
         if ref is None:
             raise PayloadError(f"no fragment for participant {name!r}")
-        return self.fragment(ref)
-
-    def retrieve_by(self, compatible: str, instance: int | str) -> bytes:
-        """The fragment of (``compatible`` without prefix, ``instance``); PayloadError if none."""
-        ref = None
-        try:
-            identity.encode_instance(instance)  # refuses True posing as 1
-            ref = self._by_key.get((compatible, instance))
-        except ValueError:
-            pass
-        if ref is None:
-            raise PayloadError(f"no fragment for compatible {compatible!r} instance {instance!r}")
         return self.fragment(ref)
 
     def manifest(self) -> dict[str, Any]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -363,15 +362,6 @@ def read_tree(data: bytes) -> Node:
     if root is None:  # fdt_check_full accepted it, so this is not expected
         raise FragmentError(f"malformed structure block near offset {pos}")
     return root
-
-
-def walk(data: bytes) -> Iterator[Node]:
-    """Every node of a checked blob, root first, in document order."""
-    stack = [read_tree(data)]
-    while stack:
-        node = stack.pop()
-        yield node
-        stack.extend(reversed(node.children))
 
 
 def check_tree(root: Node) -> None:

@@ -1,4 +1,4 @@
-"""khod_wire.fdt: the fragment builder, instance encoding, checks, walker and dts decoder."""
+"""khod_wire.fdt: the fragment builder, instance encoding, checks, reader and dts decoder."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ def sample_fragment() -> bytes:
     with b.node("memfd"):
         b.property_string("token", "abc")
     return b.finish_storage()
+
+
+def node_paths(root: fdt.Node) -> list[str]:
+    """Every node's path, root first, in document order."""
+    return [root.path] + [p for child in root.children for p in node_paths(child)]
 
 
 def raw_fdt(props: list[tuple[str, bytes]], nodes: Sequence[str] = (), late: str = "") -> bytes:
@@ -81,7 +86,7 @@ def test_builder_round_trip_every_property_kind() -> None:
     assert root.get("flag") == b""
     assert root.get("missing") is None
     assert [p for p, _ in root.properties][:2] == ["compatible", "instance"]
-    paths = [n.path for n in fdt.walk(blob)]
+    paths = node_paths(fdt.read_tree(blob))
     assert paths == ["/", "/queues", "/queues/queue@0", "/queues/queue@1", "/memfd"]
     queue1 = root.children[0].children[1]
     assert queue1.name == "queue@1"
@@ -124,7 +129,7 @@ def test_finish_closes_open_nodes_and_is_final() -> None:
     b.begin_node("a")
     b.begin_node("b")
     blob = b.finish_storage()
-    assert [n.path for n in fdt.walk(blob)] == ["/", "/a", "/a/b"]
+    assert node_paths(fdt.read_tree(blob)) == ["/", "/a", "/a/b"]
     for later in (
         b.finish_storage,
         lambda: b.property_u32("x", 1),
