@@ -18,7 +18,8 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
-from khod.payload import PayloadEntry, PayloadImage, layout
+from khod.payload import PayloadImage
+from khod.payload_layout import PayloadEntry, layout
 from khod_wire import fragment
 
 COUNTS = (16, 256, 4096)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from khod.handover import Outgoing
-from khod.payload import PayloadEntry, layout
+from khod.payload_layout import PayloadEntry, layout
 from khod_wire.errors import PayloadError
 
 

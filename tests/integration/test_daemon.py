@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from khod.payload import PayloadEntry, PayloadImage, layout
+from khod.payload import PayloadImage
+from khod.payload_layout import PayloadEntry, layout
 from khod.store import Store
 from khod_wire.fragment import start_storage
 from khod_wire.protocol import JSON, ControlOp, ParticipantOp, Topics

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from khod import cli
-from khod.payload import PayloadEntry, PayloadImage, layout
+from khod.payload import PayloadImage
+from khod.payload_layout import PayloadEntry, layout
 from khod_wire import fragment
 
 HID = "7d3c1b2a-0f9e-4d8c-b7a6-5e4d3c2b1a09"

@@ -183,7 +183,7 @@ def test_read_all_ignores_the_file_position(tmp_path: Path) -> None:
 
 def committed_image(tmp_path: Path) -> tuple[bytes, str]:
     """The image a khod in the old boot would have preserved."""
-    from khod.payload import PayloadEntry, layout
+    from khod.payload_layout import PayloadEntry, layout
 
     blob = start_storage("test,vm-v1", 1).finish_storage()
     entry = PayloadEntry("vm", "test,vm-v1", 1, blob, hashlib.sha256(blob).digest())

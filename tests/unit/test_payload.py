@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from khod.payload import PayloadEntry, PayloadImage, layout
+from khod.payload import PayloadImage
+from khod.payload_layout import PayloadEntry, layout
 from khod_wire import fdt, identity
 from khod_wire.errors import PayloadError
 from khod_wire.fragment import start_storage, validate_fragment
