@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -61,6 +63,32 @@ NATIVE_U64 = "=Q"  # '=' is native byte order with standard sizes: KHO's convent
 
 def _align4(n: int) -> int:
     return (n + 3) & ~3
+
+
+# -- libfdt's errors -----------------------------------------------------------
+# The one place where libfdt's failures, raised (FdtException) or returned
+# (a negative code), become khod's FragmentError; nothing outside this module
+# calls libfdt.
+
+
+def _libfdt_error(what: str, err: int) -> FragmentError:
+    return FragmentError(f"libfdt {what} failed: {libfdt.fdt_strerror(err)}")
+
+
+def _libfdt_result(what: str, value: int) -> int:
+    """``value`` if libfdt returned success (>= 0); FragmentError otherwise."""
+    if value < 0:
+        raise _libfdt_error(what, value)
+    return value
+
+
+@contextmanager
+def _libfdt(what: str) -> Iterator[None]:
+    """Turn an FdtException raised in the block into a FragmentError."""
+    try:
+        yield
+    except libfdt.FdtException as exc:
+        raise _libfdt_error(what, int(exc.err)) from None
 
 
 # -- names -------------------------------------------------------------------
@@ -132,8 +160,9 @@ class FdtWriter:
     """
 
     def __init__(self, size_hint: int = 1024) -> None:
-        self._sw = libfdt.FdtSw(max(int(size_hint), 256))
-        self._sw.finish_reservemap()
+        with _libfdt("writer setup"):
+            self._sw = libfdt.FdtSw(max(int(size_hint), 256))
+            self._sw.finish_reservemap()
         self._frames: list[_Frame] = []
         self._finished = False
         self._slack = 0  # free bytes known without asking libfdt: a lower bound
@@ -157,7 +186,8 @@ class FdtWriter:
             total = int(sw.totalsize())
             if total - used < n:
                 total = max(2 * total, used + 2 * n)
-                sw.resize(total)
+                with _libfdt("resize"):
+                    sw.resize(total)
             self._slack = total - used
         self._slack -= n
 
@@ -177,7 +207,8 @@ class FdtWriter:
         else:
             path = _ROOT_PATH
         self._reserve(len(name) + 16)
-        self._sw.begin_node(name)
+        with _libfdt("begin_node"):
+            self._sw.begin_node(name)
         self._frames.append(_Frame(path))
 
     def end_node(self) -> None:
@@ -185,7 +216,8 @@ class FdtWriter:
         if not self._frames:
             raise FragmentError("end_node() without an open node")
         self._reserve(8)
-        self._sw.end_node()
+        with _libfdt("end_node"):
+            self._sw.end_node()
         self._frames.pop()
 
     def property(self, name: str, value: bytes) -> int:
@@ -203,7 +235,8 @@ class FdtWriter:
         value = bytes(value)
         self._reserve(len(value) + len(name) + 32)
         before = int(self._sw.size_dt_struct())
-        self._sw.property(name, value)
+        with _libfdt("property"):
+            self._sw.property(name, value)
         # An FDT_PROP record is tag, length and name offset (3 x u32), then the value.
         assert int(self._sw.size_dt_struct()) == before + 12 + _align4(len(value))
         frame.props.add(name)
@@ -214,8 +247,9 @@ class FdtWriter:
         while self._frames:
             self.end_node()
         self._reserve(16)
-        fdt = self._sw.as_fdt()
-        fdt.pack()
+        with _libfdt("finish"):
+            fdt = self._sw.as_fdt()
+            fdt.pack()
         self._finished = True
         self.struct_offset = int(fdt.off_dt_struct())
         return bytes(fdt.as_bytearray())
@@ -279,9 +313,7 @@ def check_blob(data: bytes) -> None:
             f"a name in the strings block (offset {long_name.start()}) is longer than "
             f"{MAX_NAME_LEN} bytes"
         )
-    err = int(libfdt.fdt_check_full(bytearray(data), len(data)))
-    if err:
-        raise FragmentError(f"libfdt full check failed: {libfdt.fdt_strerror(err)}")
+    _libfdt_result("full check", int(libfdt.fdt_check_full(bytearray(data), len(data))))
 
 
 @dataclass(frozen=True)
@@ -407,7 +439,8 @@ def to_dts(data: bytes) -> str:
     root = read_tree(data)
     h = read_header(data)
     lines = ["/dts-v1/;", ""]
-    for i in range(int(libfdt.fdt_num_mem_rsv(bytearray(data)))):
+    reserved = _libfdt_result("memreserve count", int(libfdt.fdt_num_mem_rsv(bytearray(data))))
+    for i in range(reserved):
         addr, size = struct.unpack_from(">QQ", data, h.off_mem_rsvmap + 16 * i)
         lines.append(f"/memreserve/ 0x{addr:016x} 0x{size:016x};")
     if lines[-1]:

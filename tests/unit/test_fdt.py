@@ -401,3 +401,20 @@ def test_builder_round_trips_arbitrary_properties(props: dict[str, bytes]) -> No
     fdt.check_tree(root)
     assert dict(root.properties[2:]) == props
     assert fdt.to_dts(blob).startswith("/dts-v1/;")
+
+
+def test_libfdt_failures_become_fragment_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Raised by pylibfdt: no caller of the writer ever sees an FdtException.
+    def refuse(self: libfdt.FdtSw, name: str) -> None:
+        raise libfdt.FdtException(-libfdt.BADSTATE)
+
+    blob = fragment.start_storage("x,y", 1).finish_storage()
+    w = fdt.FdtWriter()
+    w.begin_node("")
+    monkeypatch.setattr(libfdt.FdtSw, "begin_node", refuse)
+    with pytest.raises(FragmentError, match=r"^libfdt begin_node failed: FDT_ERR_BADSTATE$"):
+        w.begin_node("a")
+    # Returned as a negative code: the same translation.
+    monkeypatch.setattr(libfdt, "fdt_num_mem_rsv", lambda data: -libfdt.TRUNCATED)
+    with pytest.raises(FragmentError, match=r"^libfdt memreserve count failed: FDT_ERR_TRUNCATED$"):
+        fdt.to_dts(blob)
