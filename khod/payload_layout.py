@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from khod import payload
-from khod.payload import DEFAULT_PAGE_SIZE, HANDOVER_ID_MAX, PAYLOAD_COMPATIBLE
+from khod.payload import DEFAULT_PAGE_SIZE, HANDOVER_ID_MAX, PAYLOAD_COMPATIBLE, FragmentRef
 from khod_wire import fdt, identity
 from khod_wire.errors import PayloadError
 
@@ -78,15 +78,9 @@ class Layout:
             "root_size": self.root_size,
             "root_sha256": hashlib.sha256(self.image[: self.root_size]).hexdigest(),
             "participants": [
-                {
-                    "name": e.name,
-                    "compatible": e.compatible,
-                    "instance": e.instance,
-                    "offset": off,
-                    "size": len(e.blob),
-                    "sha256": e.sha256.hex(),
-                    "restore_after": list(e.restore_after),
-                }
+                FragmentRef(
+                    e.name, e.compatible, e.instance, off, len(e.blob), e.sha256, e.restore_after
+                ).to_manifest()
                 for e, off in zip(entries, self.offsets, strict=True)
             ],
         }

@@ -145,6 +145,19 @@ def test_manifest_and_from_file(tmp_path: Path) -> None:
         PayloadImage.from_file(tmp_path / "missing.kho")
 
 
+def test_commit_manifest_describes_participants_as_the_reader_does() -> None:
+    es = entries(3)
+    es[2] = dataclasses.replace(es[2], restore_after=("vm-0",))
+    done = layout(HID, es, base=0x10000)
+    written = done.manifest(HID, es, base=0x10000)
+    read = PayloadImage.parse(done.image, base=0x10000).manifest()
+    assert written["participants"] == read["participants"]
+    assert written["root_sha256"] == hashlib.sha256(done.image[: done.root_size]).hexdigest()
+    assert {k: written[k] for k in ("format", "handover_id", "base", "page_size", "size")} == {
+        k: read[k] for k in ("format", "handover_id", "base", "page_size", "size")
+    }
+
+
 def test_restore_order_travels_in_the_image() -> None:
     es = entries(3)
     es[2] = dataclasses.replace(es[2], restore_after=("vm-0", "vm-1"))
