@@ -88,10 +88,6 @@ class Store:
 
     # -- lifecycle of the store ----------------------------------------------
 
-    @property
-    def state_dir(self) -> Path:
-        return self._state_dir
-
     def close(self) -> None:
         """Close the database; idempotent. An open transaction is rolled back."""
         with self._lock:

@@ -61,8 +61,7 @@ def raw(state_dir: Path) -> sqlite3.Connection:
 
 def test_creates_private_state_dir(tmp_path: Path) -> None:
     state_dir = tmp_path / "a" / "state"
-    with Store(state_dir) as s:
-        assert s.state_dir == state_dir
+    with Store(state_dir):
         assert (state_dir / DB_NAME).is_file()
     assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
 
