@@ -1,4 +1,4 @@
-"""The libfdt layer: a sequential writer, a checked reader and a dts printer.
+"""The libfdt layer: a sequential writer and a checked reader (:mod:`khod_wire.dts` prints).
 
 Writing goes through libfdt's sequential writer (``FdtSw``); checking goes
 through ``fdt_check_full``. Reading walks the structure block in Python, but
@@ -53,7 +53,6 @@ MAX_NAME_LEN = 255
 _NODE_RE = re.compile(r"[A-Za-z0-9,._+-]+(@[A-Za-z0-9,._+-]*)?")
 _PROP_RE = re.compile(r"[A-Za-z0-9,._+*#?-]+")
 _LONG_NAME_RE = re.compile(b"[^\\0]{%d}" % (MAX_NAME_LEN + 1))
-_PRINTABLE = frozenset(range(0x20, 0x7F))
 _RESERVED_PROPS = frozenset({"name", "phandle", "linux,phandle"})
 _BEGIN_NODE, _END_NODE, _PROP, _NOP, _END = 1, 2, 3, 4, 9
 _U32 = struct.Struct(">I")
@@ -396,6 +395,18 @@ def read_tree(data: bytes) -> Node:
     return root
 
 
+def memreserve(data: bytes) -> list[tuple[int, int]]:
+    """``(address, size)`` of each memory reservation of a blob that :func:`check_blob` accepted."""
+    h = read_header(data)
+    count = _libfdt_result("memreserve count", int(libfdt.fdt_num_mem_rsv(bytearray(data))))
+    return [
+        (int(addr), int(size))
+        for addr, size in struct.iter_unpack(
+            ">QQ", data[h.off_mem_rsvmap : h.off_mem_rsvmap + 16 * count]
+        )
+    ]
+
+
 def check_tree(root: Node) -> None:
     """FragmentError if any name breaks the rules or repeats among its siblings."""
     stack = [root]
@@ -414,52 +425,3 @@ def check_tree(root: Node) -> None:
                 raise FragmentError(f"duplicate node {child.name!r} under {node.path}")
             seen.add(child.name)
         stack.extend(node.children)
-
-
-# -- dts ---------------------------------------------------------------------
-
-
-def _show_name(name: str) -> str:
-    return "".join(c if 0x20 < ord(c) < 0x7F else f"\\x{ord(c):02x}" for c in name)
-
-
-def _dts_value(value: bytes) -> str:
-    parts = value[:-1].split(b"\0")
-    if value.endswith(b"\0") and all(p and all(b in _PRINTABLE for b in p) for p in parts):
-        quoted = (p.decode("ascii").replace("\\", "\\\\").replace('"', '\\"') for p in parts)
-        return ", ".join(f'"{q}"' for q in quoted)
-    if len(value) % 4 == 0:
-        cells = struct.unpack(f">{len(value) // 4}I", value)
-        return "<" + " ".join(f"0x{c:02x}" for c in cells) + ">"
-    return "[" + value.hex(" ") + "]"
-
-
-def to_dts(data: bytes) -> str:
-    """dts-like text for a checked blob, decoded in Python (no dtc needed at runtime)."""
-    root = read_tree(data)
-    h = read_header(data)
-    lines = ["/dts-v1/;", ""]
-    reserved = _libfdt_result("memreserve count", int(libfdt.fdt_num_mem_rsv(bytearray(data))))
-    for i in range(reserved):
-        addr, size = struct.unpack_from(">QQ", data, h.off_mem_rsvmap + 16 * i)
-        lines.append(f"/memreserve/ 0x{addr:016x} 0x{size:016x};")
-    if lines[-1]:
-        lines.append("")
-    # (node, depth, blank line before it); None closes the node at that depth.
-    todo: list[tuple[Node | None, int, bool]] = [(root, 0, False)]
-    while todo:
-        node, depth, blank = todo.pop()
-        tab = "\t" * depth
-        if node is None:
-            lines.append(f"{tab}}};")
-            continue
-        lines.extend([""] * blank + [f"{tab}{_show_name(node.name) or '/'} {{"])
-        for name, value in node.properties:
-            shown = f" = {_dts_value(value)}" if value else ""
-            lines.append(f"{tab}\t{_show_name(name)}{shown};")
-        todo.append((None, depth, False))
-        todo.extend(
-            (child, depth + 1, bool(node.properties) or i > 0)
-            for i, child in reversed(list(enumerate(node.children)))
-        )
-    return "\n".join(lines) + "\n"

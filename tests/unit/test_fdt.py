@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from khod_wire import fdt, fragment, identity
+from khod_wire import dts, fdt, fragment, identity
 from khod_wire.errors import FragmentError, RegistrationError
 
 
@@ -355,7 +355,7 @@ def test_fragment_passes_dtc_and_fdtdump(tmp_path: Path) -> None:
 
 def test_to_dts_matches_dtc(tmp_path: Path) -> None:
     blob = sample_fragment()
-    text = fdt.to_dts(blob)
+    text = dts.to_dts(blob)
     # dtc 1.6 shows a string list from a dtb as one string with \0 inside; khod
     # shows it the way people write it. Everything else is byte-identical.
     assert 'list = "a", "bc", "def";' in text
@@ -376,7 +376,7 @@ def test_to_dts_escapes_and_memreserve() -> None:
     sw.end_node()
     f = sw.as_fdt()
     f.pack()
-    text = fdt.to_dts(bytes(f.as_bytearray()))
+    text = dts.to_dts(bytes(f.as_bytearray()))
     assert "/memreserve/ 0x0000000000001000 0x0000000000002000;" in text
     assert r'q = "say \"hi\" \\ bye";' in text
     assert r"\xc3\xa9 {" in text
@@ -400,7 +400,7 @@ def test_builder_round_trips_arbitrary_properties(props: dict[str, bytes]) -> No
     root = fdt.read_tree(blob)
     fdt.check_tree(root)
     assert dict(root.properties[2:]) == props
-    assert fdt.to_dts(blob).startswith("/dts-v1/;")
+    assert dts.to_dts(blob).startswith("/dts-v1/;")
 
 
 def test_libfdt_failures_become_fragment_errors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -417,4 +417,4 @@ def test_libfdt_failures_become_fragment_errors(monkeypatch: pytest.MonkeyPatch)
     # Returned as a negative code: the same translation.
     monkeypatch.setattr(libfdt, "fdt_num_mem_rsv", lambda data: -libfdt.TRUNCATED)
     with pytest.raises(FragmentError, match=r"^libfdt memreserve count failed: FDT_ERR_TRUNCATED$"):
-        fdt.to_dts(blob)
+        dts.to_dts(blob)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from khod.payload import PayloadImage
 from khod.payload_layout import PayloadEntry, layout
-from khod_wire import fdt, identity
+from khod_wire import dts, fdt, identity
 from khod_wire.errors import PayloadError
 from khod_wire.fragment import start_storage, validate_fragment
 
@@ -167,7 +167,7 @@ def test_restore_order_travels_in_the_image() -> None:
     assert parsed.manifest()["participants"][2]["restore_after"] == ["vm-0", "vm-1"]
     assert links(image)["vm-2"].get("restore-after") == b"vm-0\0vm-1\0"
     assert links(image)["vm-0"].get("restore-after") is None
-    assert 'restore-after = "vm-0", "vm-1";' in fdt.to_dts(root_of(image))
+    assert 'restore-after = "vm-0", "vm-1";' in dts.to_dts(root_of(image))
 
 
 @pytest.mark.parametrize("bad", ["vm-0", ("",), ("a\0b",), ("é",)])
@@ -222,7 +222,7 @@ def test_root_and_fragments_pass_dtc_and_fdtdump(tmp_path: Path) -> None:
         out[name] = subprocess.run(["dtc", "-I", "dtb", "-O", "dts", str(path)],
                                    capture_output=True, text=True, check=True).stdout  # fmt: skip
         subprocess.run(["fdtdump", str(path)], capture_output=True, check=True)
-        assert out[name] == fdt.to_dts(blob)
+        assert out[name] == dts.to_dts(blob)
     assert 'compatible = "khod-v1";' in out["root"]
     assert f'handover-id = "{HID}";' in out["root"]
     for e in es:
