@@ -18,7 +18,8 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
-from khod.payload import PayloadEntry, PayloadImage, assemble
+from khod.payload import PayloadImage
+from khod.payload_layout import PayloadEntry, layout
 from khod_wire import fragment
 
 COUNTS = (16, 256, 4096)
@@ -91,9 +92,9 @@ def main() -> None:
     for n in COUNTS:
         entries = make_entries(n)
         runs = 5 if n <= 256 else 3
-        image = assemble(HANDOVER_ID, entries)
+        image = layout(HANDOVER_ID, entries).image
         t_cat = best(runs, concatenate, entries)
-        t_asm = best(runs, assemble, HANDOVER_ID, entries)
+        t_asm = best(runs, layout, HANDOVER_ID, entries)
         t_parse = best(runs, PayloadImage.parse, image)
         print(
             f"{n:>12} {len(image) / 2**20:>9.2f} {len(entries[0].blob):>10} "

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from khod.handover import Outgoing
-from khod.payload import PayloadEntry, layout
+from khod.payload_layout import PayloadEntry, layout
 from khod_wire.errors import PayloadError
 
 
-def entries(out: Outgoing, fragments: Mapping[str, bytes]) -> list[PayloadEntry]:
+def _entries(out: Outgoing, fragments: Mapping[str, bytes]) -> list[PayloadEntry]:
     """The payload's entries in freeze order; PayloadError if a fragment is missing."""
     result = []
     for p in out.payload_order():
@@ -35,6 +35,6 @@ def build(
     handover_id = out.handover.id
     if handover_id is None:
         raise PayloadError("no handover to assemble")
-    items = entries(out, fragments)
+    items = _entries(out, fragments)
     done = layout(handover_id, items, base=base)
     return done.image, done.manifest(handover_id, items, base=base)

@@ -18,7 +18,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from khod.payload import PayloadImage
-from khod_wire import fdt
+from khod_wire.dts import to_dts
 from khod_wire.errors import PayloadError
 
 
@@ -47,7 +47,7 @@ def _human(path: Path, image: PayloadImage, manifest: dict[str, Any], dts: bool)
     if dts:
         for ref in image.entries:
             console.rule(Text(f"{ref.name} @0x{ref.offset:x}"))
-            console.print(Text(fdt.to_dts(image.fragment(ref))), end="")
+            console.print(Text(to_dts(image.fragment(ref))), end="")
 
 
 def main(image: Path, *, as_json: bool = False, dts: bool = False, base: int = 0) -> int:
@@ -68,7 +68,7 @@ def main(image: Path, *, as_json: bool = False, dts: bool = False, base: int = 0
     if as_json:
         if dts:
             for entry, ref in zip(manifest["participants"], payload.entries, strict=True):
-                entry["dts"] = fdt.to_dts(payload.fragment(ref))
+                entry["dts"] = to_dts(payload.fragment(ref))
         print(json.dumps({"valid": True, "image": str(image), **manifest}, indent=2))
     else:
         _human(Path(image), payload, manifest, dts)

@@ -39,12 +39,11 @@ RETRIEVE_SESSION = 0x01
 PRESERVE_FD = 0x40
 RETRIEVE_FD = 0x41
 FINISH = 0x42
-GET_NAME = 0x43
+GET_NAME = 0x43  # not called by khod: listed so that the table matches the uAPI
 
 _SESSION = struct.Struct(f"=Ii{NAME_LENGTH}s")  # create / retrieve session: 72 bytes
 _FD_TOKEN = struct.Struct("=Ii Q")  # preserve / retrieve fd: 16 bytes, token 8-aligned
 _FINISH = struct.Struct("=II")
-_GET_NAME = struct.Struct(f"=II{NAME_LENGTH}s")
 
 # Seals a preserved memfd may carry (MEMFD_LUO_ALL_SEALS minus the ones we do
 # not need): the image can neither change nor change size once committed.
@@ -150,12 +149,6 @@ class Session:
 
     def finish(self) -> None:
         _ioctl(self.fd, FINISH, bytearray(_FINISH.pack(_FINISH.size, 0)), "finish session")
-
-    def kernel_name(self) -> str:
-        buf = bytearray(_GET_NAME.pack(_GET_NAME.size, 0, b""))
-        _ioctl(self.fd, GET_NAME, buf, "get session name")
-        raw: bytes = _GET_NAME.unpack(buf)[2]
-        return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -1,6 +1,6 @@
-"""Assemble the payload image, and read one back with every check.
+"""The payload image: its format, and the reader that checks everything in it.
 
-Layout (see "Payload image" in the design contract)::
+Layout (see "Payload image" in the design contract and ``docs/payload.md``)::
 
     offset 0         root FDT: / { compatible = "khod-v1"; handover-id = "<uuid>";
                                    <name> { compatible; instance; preserved-data;
@@ -13,12 +13,11 @@ Zero bytes fill the gaps. ``preserved-data`` (base + offset) and
 string list present only when not empty, names the participants this one
 restores after: the incoming daemon has nothing but the image to go by.
 
-Assembly runs in the blackout window, so it only links: it never parses,
-checks or hashes a fragment (that was done when each one arrived) and its cost
-grows with the number of participants. Reading, on the other hand, trusts
-nothing: every link, offset, checksum and fragment is verified, and any
-problem is a :class:`~khod_wire.errors.PayloadError` naming the participant and
-offset.
+This module owns the rules both sides share (the values of a link, the page
+layout) and the reader; :mod:`khod.payload_layout` writes images. Reading
+trusts nothing: every link, offset, checksum and fragment is verified, and
+any problem is a :class:`~khod_wire.errors.PayloadError` naming the
+participant and offset. The FDT itself is :mod:`khod_wire.fdt`'s business.
 """
 
 from __future__ import annotations
@@ -37,24 +36,23 @@ from khod_wire.fragment import verify_fragment
 
 PAYLOAD_COMPATIBLE = "khod-v1"
 DEFAULT_PAGE_SIZE = 4096
-_HANDOVER_ID_MAX = 128
+HANDOVER_ID_MAX = 128
 # Link properties and their exact lengths (0: any length).
 _LINK_PROPS = (("compatible", 0), ("instance", 0), ("preserved-data", 8), ("blob-size", 8),
                ("sha256", 32))  # fmt: skip
+#: What the fdt layer and the identity rules raise about one link or fragment;
+#: inside an image each becomes a PayloadError that says where.
+REFUSALS = (FragmentError, RegistrationError, ValueError)
 
 
-def _align(n: int, page: int) -> int:
-    return (n + page - 1) & ~(page - 1)
-
-
-def _check_layout(base: int, page_size: int) -> None:
+def check_layout(base: int, page_size: int) -> None:
     if page_size < 8 or page_size & (page_size - 1):
         raise ValueError(f"page_size {page_size} is not a power of two >= 8")
     if base < 0 or base % page_size:
         raise ValueError(f"base 0x{base:x} is not a page-aligned address")
 
 
-def _printable(raw: bytes | None, limit: int) -> str | None:
+def printable(raw: bytes | None, limit: int) -> str | None:
     """The text of a NUL-terminated printable ASCII value, or None."""
     if raw is None or not raw.endswith(b"\0") or not 1 < len(raw) <= limit + 1:
         return None
@@ -62,28 +60,17 @@ def _printable(raw: bytes | None, limit: int) -> str | None:
     return body.decode("ascii") if all(0x20 <= b < 0x7F for b in body) else None
 
 
-@dataclass(frozen=True)
-class PayloadEntry:
-    """One frozen participant's fragment, as handed to :func:`assemble`."""
-
-    name: str
-    compatible: str
-    instance: int | str
-    blob: bytes = field(repr=False)
-    sha256: bytes = field(repr=False)
-    restore_after: tuple[str, ...] = ()
-
-
-def _names_list(names: Sequence[str]) -> bytes:
+def encode_names(names: Sequence[str]) -> bytes:
+    """A string list of printable ASCII names, as ``restore-after`` holds; ValueError if not."""
     if isinstance(names, str):  # a str is a Sequence[str] of its characters
         raise ValueError(f"restore_after {names!r} is a str, not a list of names")
     raw = b"".join(str(n).encode("ascii", "replace") + b"\0" for n in names)
-    if _names(raw) != tuple(names):
+    if decode_names(raw) != tuple(names):
         raise ValueError(f"restore_after {names!r} is not a list of printable names")
     return raw
 
 
-def _names(raw: bytes) -> tuple[str, ...] | None:
+def decode_names(raw: bytes) -> tuple[str, ...] | None:
     """The names in a string list of printable ASCII names, or None."""
     if not raw:
         return ()
@@ -91,154 +78,11 @@ def _names(raw: bytes) -> tuple[str, ...] | None:
         return None
     names: list[str] = []
     for part in raw[:-1].split(b"\0"):
-        name = _printable(part + b"\0", 256)
+        name = printable(part + b"\0", 256)
         if name is None:
             return None
         names.append(name)
     return tuple(names)
-
-
-def _link_values(entry: PayloadEntry) -> tuple[bytes, bytes, bytes]:
-    """The link node's compatible, instance and restore-after values."""
-    where = f"participant {entry.name!r}"
-    try:
-        fdt.check_node_name(entry.name)
-        identity.check_compatible(entry.compatible)
-        instance = identity.encode_instance(entry.instance)
-        restore_after = _names_list(entry.restore_after)
-    except (FragmentError, RegistrationError, ValueError) as e:
-        raise PayloadError(f"{where}: {e}") from None
-    if len(entry.sha256) != 32:
-        raise PayloadError(f"{where}: sha256 is {len(entry.sha256)} bytes, expected 32")
-    if not entry.blob:
-        raise PayloadError(f"{where}: empty fragment")
-    compatible = (identity.KHO_COMPATIBLE_PREFIX + entry.compatible).encode() + b"\0"
-    return compatible, instance, restore_after
-
-
-def assemble(
-    handover_id: str,
-    entries: Sequence[PayloadEntry],
-    *,
-    base: int = 0,
-    page_size: int = DEFAULT_PAGE_SIZE,
-) -> bytes:
-    """The payload image linking ``entries`` in the given (freeze) order.
-
-    Deterministic: the same input gives the same bytes. PayloadError on a bad
-    or duplicate name, handover id or link value; ValueError on a bad layout.
-    """
-    return layout(handover_id, entries, base=base, page_size=page_size).image
-
-
-@dataclass(frozen=True)
-class Layout:
-    """An assembled image, with where its root ends and each fragment starts."""
-
-    image: bytes
-    root_size: int
-    offsets: tuple[int, ...]
-
-    def manifest(self, handover_id: str, entries: Sequence[PayloadEntry], *, base: int,
-                 page_size: int = DEFAULT_PAGE_SIZE) -> dict[str, Any]:  # fmt: skip
-        """The manifest written beside the image, from what assembly already knows.
-
-        No hash of the whole image (that would read every fragment inside the
-        blackout): ``root_sha256`` covers the root, which holds every
-        fragment's sha256, so it vouches for the whole image.
-        """
-        return {
-            "format": PAYLOAD_COMPATIBLE,
-            "handover_id": handover_id,
-            "base": base,
-            "page_size": page_size,
-            "size": len(self.image),
-            "root_size": self.root_size,
-            "root_sha256": hashlib.sha256(self.image[: self.root_size]).hexdigest(),
-            "participants": [
-                {
-                    "name": e.name,
-                    "compatible": e.compatible,
-                    "instance": e.instance,
-                    "offset": off,
-                    "size": len(e.blob),
-                    "sha256": e.sha256.hex(),
-                    "restore_after": list(e.restore_after),
-                }
-                for e, off in zip(entries, self.offsets, strict=True)
-            ],
-        }
-
-
-def layout(
-    handover_id: str,
-    entries: Sequence[PayloadEntry],
-    *,
-    base: int = 0,
-    page_size: int = DEFAULT_PAGE_SIZE,
-) -> Layout:
-    """Like :func:`assemble`, and say where everything lies."""
-    _check_layout(base, page_size)
-    hid = handover_id.encode("ascii", "replace") + b"\0"
-    if _printable(hid, _HANDOVER_ID_MAX) != handover_id:
-        raise PayloadError(f"handover id {handover_id!r} is not 1..128 printable ASCII")
-    links: list[tuple[bytes, bytes, bytes]] = []
-    names: set[str] = set()
-    keys: set[tuple[bytes, bytes]] = set()
-    for entry in entries:
-        link = _link_values(entry)
-        if entry.name in names:
-            raise PayloadError(f"duplicate participant name {entry.name!r}")
-        if link[:2] in keys:
-            raise PayloadError(
-                f"participant {entry.name!r}: another participant has the same "
-                f"compatible {entry.compatible!r} and instance {entry.instance!r}"
-            )
-        names.add(entry.name)
-        keys.add(link[:2])
-        links.append(link)
-
-    # The root's size depends on names and link values, never on the offsets:
-    # write placeholders, then patch the offsets in place once the size is
-    # known. A link node is its variable-length values plus ~160 bytes of tags
-    # and fixed-size values, so the first allocation is enough.
-    hint = (
-        256
-        + len(hid)
-        + sum(
-            len(e.name) + sum(map(len, link)) + 160 for e, link in zip(entries, links, strict=True)
-        )
-    )
-    w = fdt.FdtWriter(hint)
-    w.begin_node("")
-    w.property("compatible", PAYLOAD_COMPATIBLE.encode() + b"\0")
-    w.property("handover-id", hid)
-    slots: list[int] = []
-    for entry, (compatible, instance, restore_after) in zip(entries, links, strict=True):
-        w.begin_node(entry.name)
-        w.property("compatible", compatible)
-        w.property("instance", instance)
-        slots.append(w.property("preserved-data", fdt.native_u64(0)))
-        w.property("blob-size", fdt.native_u64(len(entry.blob)))
-        w.property("sha256", entry.sha256)
-        if restore_after:
-            w.property("restore-after", restore_after)
-        w.end_node()
-    root = bytearray(w.finish())
-
-    parts: list[bytes | bytearray] = [root]
-    end = len(root)
-    offsets = []
-    for entry, slot in zip(entries, slots, strict=True):
-        offset = _align(end, page_size)
-        if base + offset + len(entry.blob) > 1 << 64:
-            raise ValueError(f"participant {entry.name!r} would lie beyond 2**64 (base 0x{base:x})")
-        root[w.struct_offset + slot : w.struct_offset + slot + 8] = fdt.native_u64(base + offset)
-        parts.append(bytes(offset - end))
-        parts.append(entry.blob)
-        offsets.append(offset)
-        end = offset + len(entry.blob)
-    return Layout(b"".join(parts), len(root), tuple(offsets))
 
 
 @dataclass(frozen=True)
@@ -257,6 +101,18 @@ class FragmentRef:
     def sha256_hex(self) -> str:
         return self.sha256.hex()
 
+    def to_manifest(self) -> dict[str, Any]:
+        """This participant's entry in a manifest (the one format both manifests share)."""
+        return {
+            "name": self.name,
+            "compatible": self.compatible,
+            "instance": self.instance,
+            "offset": self.offset,
+            "size": self.size,
+            "sha256": self.sha256_hex,
+            "restore_after": list(self.restore_after),
+        }
+
 
 def _read_link(node: fdt.Node, base: int) -> FragmentRef:
     where = f"participant {node.name!r}"
@@ -266,17 +122,17 @@ def _read_link(node: fdt.Node, base: int) -> FragmentRef:
             raise PayloadError(f"{where}: missing property {name!r}")
         if length and len(raw) != length:
             raise PayloadError(f"{where}: {name!r} is {len(raw)} bytes, expected {length}")
-    text = _printable(node.get("compatible"), 512) or ""
+    text = printable(node.get("compatible"), 512) or ""
     compatible = text.removeprefix(identity.KHO_COMPATIBLE_PREFIX)
     try:
         if compatible == text:
             raise ValueError(f"{text!r} lacks the {identity.KHO_COMPATIBLE_PREFIX!r} prefix")
         identity.check_compatible(compatible)
         instance = identity.decode_instance(node.get("instance") or b"")
-    except (FragmentError, RegistrationError, ValueError) as e:
+    except REFUSALS as e:
         raise PayloadError(f"{where}: {e}") from None
     raw_after = node.get("restore-after")
-    restore_after = () if raw_after is None else _names(raw_after)
+    restore_after = () if raw_after is None else decode_names(raw_after)
     if restore_after is None:
         raise PayloadError(f"{where}: restore-after is not a list of printable names")
     address = fdt.read_native_u64(node.get("preserved-data") or b"")
@@ -316,7 +172,7 @@ class PayloadImage:
         cls, data: bytes, *, base: int = 0, page_size: int = DEFAULT_PAGE_SIZE
     ) -> PayloadImage:
         """Verify ``data`` completely; PayloadError saying what is wrong and where."""
-        _check_layout(base, page_size)
+        check_layout(base, page_size)
         data = bytes(data)
         try:
             header = fdt.read_header(data)
@@ -328,7 +184,7 @@ class PayloadImage:
                 )
             root = fdt.read_tree(data[: header.totalsize])
             fdt.check_tree(root)
-        except FragmentError as e:
+        except REFUSALS as e:
             raise PayloadError(f"root FDT: {e}") from None
         root_size = header.totalsize
         compatible = root.get("compatible")
@@ -336,7 +192,7 @@ class PayloadImage:
             raise PayloadError(
                 f"root FDT: compatible is {compatible!r}, expected {PAYLOAD_COMPATIBLE!r}"
             )
-        handover_id = _printable(root.get("handover-id"), _HANDOVER_ID_MAX)
+        handover_id = printable(root.get("handover-id"), HANDOVER_ID_MAX)
         if handover_id is None:
             raise PayloadError("root FDT: handover-id is missing or not printable text")
 
@@ -367,7 +223,7 @@ class PayloadImage:
                 raise PayloadError(f"{at}: sha256 mismatch, the fragment is corrupt")
             try:
                 verify_fragment(blob, compatible=ref.compatible, instance=ref.instance)
-            except FragmentError as e:
+            except REFUSALS as e:
                 raise PayloadError(f"{at}: {e}") from None
             end, previous = ref.offset + ref.size, f"participant {ref.name!r}"
         if len(data) != end:
@@ -387,10 +243,6 @@ class PayloadImage:
     def _by_name(self) -> dict[str, FragmentRef]:
         return {ref.name: ref for ref in self.entries}
 
-    @cached_property
-    def _by_key(self) -> dict[tuple[str, int | str], FragmentRef]:
-        return {(ref.compatible, ref.instance): ref for ref in self.entries}
-
     @property
     def size(self) -> int:
         return len(self.data)
@@ -405,20 +257,12 @@ class PayloadImage:
             raise PayloadError(f"no fragment for participant {name!r}")
         return self.fragment(ref)
 
-    def retrieve_by(self, compatible: str, instance: int | str) -> bytes:
-        """The fragment of (``compatible`` without prefix, ``instance``); PayloadError if none."""
-        ref = None
-        try:
-            identity.encode_instance(instance)  # refuses True posing as 1
-            ref = self._by_key.get((compatible, instance))
-        except ValueError:
-            pass
-        if ref is None:
-            raise PayloadError(f"no fragment for compatible {compatible!r} instance {instance!r}")
-        return self.fragment(ref)
-
     def manifest(self) -> dict[str, Any]:
-        """A JSON-able description of the image, as written next to it on commit."""
+        """A JSON-able description of the verified image, as ``khod inspect --json`` shows it.
+
+        Like the manifest written on commit (``Layout.manifest``), but with the
+        whole image's sha256, which costs nothing once every byte was read.
+        """
         return {
             "format": PAYLOAD_COMPATIBLE,
             "handover_id": self.handover_id,
@@ -426,16 +270,5 @@ class PayloadImage:
             "page_size": self.page_size,
             "size": self.size,
             "sha256": hashlib.sha256(self.data).hexdigest(),
-            "participants": [
-                {
-                    "name": ref.name,
-                    "compatible": ref.compatible,
-                    "instance": ref.instance,
-                    "offset": ref.offset,
-                    "size": ref.size,
-                    "sha256": ref.sha256_hex,
-                    "restore_after": list(ref.restore_after),
-                }
-                for ref in self.entries
-            ],
+            "participants": [ref.to_manifest() for ref in self.entries],
         }

@@ -1,5 +1,8 @@
 """Durable state of the daemon, on one SQLite database (``<state_dir>/khod.db``).
 
+Owns the transactions and the records; opening the file, its PRAGMAs and its
+schema belong to :mod:`khod.store_schema`.
+
 Theory of operation
 -------------------
 The contract is that nothing acknowledged is ever lost. So every mutating
@@ -20,9 +23,18 @@ The store is generic on purpose: it persists JSON-able dicts, an append-only
 history of transitions, fragments as raw bytes, and a few strings. What
 those records mean belongs to the lifecycle module.
 
-One connection, guarded by a re-entrant lock, so that the store may also be
-called from worker threads (``asyncio.to_thread``); a transaction holds the
-lock for its whole block.
+Threads
+-------
+The daemon calls the store from two threads: the event loop (at startup, and
+to read) and a worker thread that writes each batch (``asyncio.to_thread``).
+Its run loop awaits one batch before staging the next, so today the two never
+overlap. The lock makes that the store's guarantee rather than the caller's
+habit: SQLite transactions belong to the connection, not to a thread, so a
+call from a second thread during an open ``transaction()`` would otherwise
+land inside it (committed or undone with another caller's batch), read its
+uncommitted rows, or upset the savepoint depth. The lock is held for a whole
+transaction block, and it is re-entrant because every write inside the block
+takes it again on the same thread.
 """
 
 from __future__ import annotations
@@ -39,56 +51,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from khod.atomicfile import fsync_directory
+from khod.store_schema import DB_NAME, open_database, undo
 from khod_wire.errors import StoreError
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "Store", "Transition"]
-
-DB_NAME = "khod.db"
-SCHEMA_VERSION = 2
-BUSY_TIMEOUT_MS = 5000
-
-_SCHEMA = """
-CREATE TABLE singleton (
-    kind TEXT PRIMARY KEY CHECK (kind IN ('handover', 'restore')),
-    body TEXT NOT NULL
-);
-CREATE TABLE participant (
-    name TEXT PRIMARY KEY,
-    body TEXT NOT NULL
-);
-CREATE TABLE transition (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    subject TEXT NOT NULL,
-    event TEXT NOT NULL,
-    from_state TEXT,
-    to_state TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-CREATE INDEX transition_by_subject ON transition (subject, seq);
-CREATE TABLE fragment (
-    name TEXT PRIMARY KEY,
-    blob BLOB NOT NULL,
-    size INTEGER NOT NULL CHECK (size = length(blob)),
-    sha256 TEXT NOT NULL CHECK (length(sha256) = 64)
-);
-CREATE TABLE meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-"""
-
-# Version 2: the replies already sent, so that a request re-sent under the
-# same correlation data gets the same answer after a restart.
-_SCHEMA_2 = """
-CREATE TABLE reply (
-    n INTEGER PRIMARY KEY AUTOINCREMENT,
-    key BLOB NOT NULL UNIQUE,
-    body BLOB NOT NULL,
-    content_type TEXT NOT NULL
-);
-"""
+__all__ = ["Store", "Transition"]
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -118,41 +84,9 @@ class Store:
         self._db_path = self._state_dir / DB_NAME
         self._lock = threading.RLock()
         self._depth = 0
-        self._conn: sqlite3.Connection | None = None
-        created = not self._state_dir.exists()
-        try:
-            self._state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create state directory {self._state_dir}: {exc}") from exc
-        try:
-            # isolation_level=None: the sqlite3 module must not open
-            # transactions behind our back; transaction() owns BEGIN/COMMIT.
-            conn = sqlite3.connect(
-                self._db_path,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open {self._db_path}: {exc}") from exc
-        try:
-            self._configure(conn)
-            self._migrate(conn)
-            # SQLite fsyncs the directory for the WAL it creates but not for
-            # the database file itself: make the file's name durable too.
-            fsync_directory(self._state_dir)
-            if created:
-                fsync_directory(self._state_dir.parent)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
+        self._conn: sqlite3.Connection | None = open_database(self._state_dir)
 
     # -- lifecycle of the store ----------------------------------------------
-
-    @property
-    def state_dir(self) -> Path:
-        return self._state_dir
 
     def close(self) -> None:
         """Close the database; idempotent. An open transaction is rolled back."""
@@ -192,7 +126,7 @@ class Store:
                 yield
             except BaseException:
                 self._depth = depth
-                _undo(conn, savepoint if depth > 0 else None)
+                undo(conn, savepoint if depth > 0 else None)
                 raise
             self._depth = depth
             # The block may have closed the store, or SQLite may have rolled
@@ -203,7 +137,7 @@ class Store:
             try:
                 conn.execute("COMMIT" if depth == 0 else f"RELEASE {savepoint}")
             except sqlite3.Error as exc:
-                _undo(conn, savepoint if depth > 0 else None)
+                undo(conn, savepoint if depth > 0 else None)
                 raise StoreError(f"{self._db_path}: cannot commit: {exc}") from exc
 
     # -- the handover record (outgoing side) and the restore record (incoming side)
@@ -213,9 +147,6 @@ class Store:
 
     def load_handover(self) -> dict[str, Any] | None:
         return self._load_singleton("handover")
-
-    def clear_handover(self) -> None:
-        self._mutate("clear the handover", "DELETE FROM singleton WHERE kind = 'handover'")
 
     def save_restore(self, record: Mapping[str, Any]) -> None:
         self._save_singleton("restore", record)
@@ -314,20 +245,9 @@ class Store:
             raise StoreError(f"{self._db_path}: fragment {name!r} does not match its sha256")
         return bytes(blob)
 
-    def fragment_info(self, name: str) -> tuple[int, str] | None:
-        """``(size, sha256)`` of the fragment, without reading it; None if there is none."""
-        rows = self._query(
-            f"read fragment {name!r}", "SELECT size, sha256 FROM fragment WHERE name = ?", (name,)
-        )
-        return (rows[0][0], rows[0][1]) if rows else None
-
     def delete_fragment(self, name: str) -> None:
         """Forget fragment ``name``; forgetting an unknown name is not an error."""
         self._mutate(f"delete fragment {name!r}", "DELETE FROM fragment WHERE name = ?", (name,))
-
-    def fragment_names(self) -> list[str]:
-        rows = self._query("list fragments", "SELECT name FROM fragment ORDER BY name")
-        return [name for (name,) in rows]
 
     # -- replies already sent ---------------------------------------------------
 
@@ -368,52 +288,6 @@ class Store:
         return str(rows[0][0]) if rows else None
 
     # -- internals --------------------------------------------------------------
-
-    def _configure(self, conn: sqlite3.Connection) -> None:
-        with self._translating("configure the database"):
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            # A PRAGMA that SQLite does not accept is silently ignored: read
-            # each back, since durability rests on them.
-            settings = {
-                name: conn.execute(f"PRAGMA {name}").fetchone()[0]
-                for name in ("synchronous", "foreign_keys", "busy_timeout")
-            }
-        if str(mode).lower() != "wal":
-            raise StoreError(f"{self._db_path}: cannot enable WAL (journal_mode is {mode!r})")
-        expected = {"synchronous": 2, "foreign_keys": 1, "busy_timeout": BUSY_TIMEOUT_MS}
-        if settings != expected:
-            raise StoreError(f"{self._db_path}: PRAGMAs not in force: {settings} != {expected}")
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        # Inside BEGIN IMMEDIATE so that two processes opening a fresh store
-        # at once cannot both create the schema; DDL and user_version are
-        # transactional, so a crash leaves either no schema or all of it.
-        with self._translating("read or create the schema"):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                (version,) = conn.execute("PRAGMA user_version").fetchone()
-                if version == 0:
-                    (tables,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                    if tables:
-                        raise StoreError(f"{self._db_path} is a SQLite database but not khod's")
-                    # Not executescript(): it would COMMIT the open transaction first.
-                    _execute_all(conn, _SCHEMA + _SCHEMA_2)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                elif version == 1:
-                    _execute_all(conn, _SCHEMA_2)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                elif version != SCHEMA_VERSION:
-                    raise StoreError(
-                        f"{self._db_path}: schema version {version} is not supported"
-                        f" (this khod knows version {SCHEMA_VERSION})"
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                _undo(conn, None)
-                raise
 
     def _live(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -457,12 +331,6 @@ class Store:
         return _decode(rows[0][0], f"{kind} record") if rows else None
 
 
-def _execute_all(conn: sqlite3.Connection, script: str) -> None:
-    for statement in script.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-
-
 def _encode(record: Mapping[str, Any], what: str) -> str:
     """Serialize before touching the database, so that a bad record changes nothing."""
     if not isinstance(record, Mapping):
@@ -495,16 +363,3 @@ def _decode(body: str, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise StoreError(f"{what} in the store is not a JSON object")
     return value
-
-
-def _undo(conn: sqlite3.Connection, savepoint: str | None) -> None:
-    """Roll back the transaction or the savepoint, if SQLite has not already done it."""
-    # Best effort: the caller is already raising the error that matters.
-    with contextlib.suppress(sqlite3.Error):
-        if not conn.in_transaction:
-            return
-        if savepoint is None:
-            conn.execute("ROLLBACK")
-        else:
-            conn.execute(f"ROLLBACK TO {savepoint}")
-            conn.execute(f"RELEASE {savepoint}")

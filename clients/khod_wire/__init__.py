@@ -4,7 +4,9 @@
 - :mod:`khod_wire.identity`: what names, compatibles, hosts and instances may be
   (stdlib only), and how an instance is written in a fragment;
 - :mod:`khod_wire.errors`: the error families, with the stable codes of replies;
-- :mod:`khod_wire.fdt`: the libfdt layer (writer, checked reader, dts);
+- :mod:`khod_wire.fdt`: the libfdt layer (writer, checked reader), and the one place
+  libfdt's errors become khod's;
+- :mod:`khod_wire.dts`: dts-like text of a checked blob, for people;
 - :mod:`khod_wire.fragment`: a fragment, built by a participant and checked by the daemon;
 - :mod:`khod_wire.urls`: where the broker is and the credentials to log in (stdlib only);
 - :mod:`khod_wire.message`: khod's own Message, Will and Publication (stdlib only);

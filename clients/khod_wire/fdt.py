@@ -1,4 +1,4 @@
-"""The libfdt layer: a sequential writer, a checked reader and a dts printer.
+"""The libfdt layer: a sequential writer and a checked reader (:mod:`khod_wire.dts` prints).
 
 Writing goes through libfdt's sequential writer (``FdtSw``); checking goes
 through ``fdt_check_full``. Reading walks the structure block in Python, but
@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -52,7 +53,6 @@ MAX_NAME_LEN = 255
 _NODE_RE = re.compile(r"[A-Za-z0-9,._+-]+(@[A-Za-z0-9,._+-]*)?")
 _PROP_RE = re.compile(r"[A-Za-z0-9,._+*#?-]+")
 _LONG_NAME_RE = re.compile(b"[^\\0]{%d}" % (MAX_NAME_LEN + 1))
-_PRINTABLE = frozenset(range(0x20, 0x7F))
 _RESERVED_PROPS = frozenset({"name", "phandle", "linux,phandle"})
 _BEGIN_NODE, _END_NODE, _PROP, _NOP, _END = 1, 2, 3, 4, 9
 _U32 = struct.Struct(">I")
@@ -62,6 +62,32 @@ NATIVE_U64 = "=Q"  # '=' is native byte order with standard sizes: KHO's convent
 
 def _align4(n: int) -> int:
     return (n + 3) & ~3
+
+
+# -- libfdt's errors -----------------------------------------------------------
+# The one place where libfdt's failures, raised (FdtException) or returned
+# (a negative code), become khod's FragmentError; nothing outside this module
+# calls libfdt.
+
+
+def _libfdt_error(what: str, err: int) -> FragmentError:
+    return FragmentError(f"libfdt {what} failed: {libfdt.fdt_strerror(err)}")
+
+
+def _libfdt_result(what: str, value: int) -> int:
+    """``value`` if libfdt returned success (>= 0); FragmentError otherwise."""
+    if value < 0:
+        raise _libfdt_error(what, value)
+    return value
+
+
+@contextmanager
+def _libfdt(what: str) -> Iterator[None]:
+    """Turn an FdtException raised in the block into a FragmentError."""
+    try:
+        yield
+    except libfdt.FdtException as exc:
+        raise _libfdt_error(what, int(exc.err)) from None
 
 
 # -- names -------------------------------------------------------------------
@@ -133,8 +159,9 @@ class FdtWriter:
     """
 
     def __init__(self, size_hint: int = 1024) -> None:
-        self._sw = libfdt.FdtSw(max(int(size_hint), 256))
-        self._sw.finish_reservemap()
+        with _libfdt("writer setup"):
+            self._sw = libfdt.FdtSw(max(int(size_hint), 256))
+            self._sw.finish_reservemap()
         self._frames: list[_Frame] = []
         self._finished = False
         self._slack = 0  # free bytes known without asking libfdt: a lower bound
@@ -158,7 +185,8 @@ class FdtWriter:
             total = int(sw.totalsize())
             if total - used < n:
                 total = max(2 * total, used + 2 * n)
-                sw.resize(total)
+                with _libfdt("resize"):
+                    sw.resize(total)
             self._slack = total - used
         self._slack -= n
 
@@ -178,7 +206,8 @@ class FdtWriter:
         else:
             path = _ROOT_PATH
         self._reserve(len(name) + 16)
-        self._sw.begin_node(name)
+        with _libfdt("begin_node"):
+            self._sw.begin_node(name)
         self._frames.append(_Frame(path))
 
     def end_node(self) -> None:
@@ -186,7 +215,8 @@ class FdtWriter:
         if not self._frames:
             raise FragmentError("end_node() without an open node")
         self._reserve(8)
-        self._sw.end_node()
+        with _libfdt("end_node"):
+            self._sw.end_node()
         self._frames.pop()
 
     def property(self, name: str, value: bytes) -> int:
@@ -204,7 +234,8 @@ class FdtWriter:
         value = bytes(value)
         self._reserve(len(value) + len(name) + 32)
         before = int(self._sw.size_dt_struct())
-        self._sw.property(name, value)
+        with _libfdt("property"):
+            self._sw.property(name, value)
         # An FDT_PROP record is tag, length and name offset (3 x u32), then the value.
         assert int(self._sw.size_dt_struct()) == before + 12 + _align4(len(value))
         frame.props.add(name)
@@ -215,8 +246,9 @@ class FdtWriter:
         while self._frames:
             self.end_node()
         self._reserve(16)
-        fdt = self._sw.as_fdt()
-        fdt.pack()
+        with _libfdt("finish"):
+            fdt = self._sw.as_fdt()
+            fdt.pack()
         self._finished = True
         self.struct_offset = int(fdt.off_dt_struct())
         return bytes(fdt.as_bytearray())
@@ -280,9 +312,7 @@ def check_blob(data: bytes) -> None:
             f"a name in the strings block (offset {long_name.start()}) is longer than "
             f"{MAX_NAME_LEN} bytes"
         )
-    err = int(libfdt.fdt_check_full(bytearray(data), len(data)))
-    if err:
-        raise FragmentError(f"libfdt full check failed: {libfdt.fdt_strerror(err)}")
+    _libfdt_result("full check", int(libfdt.fdt_check_full(bytearray(data), len(data))))
 
 
 @dataclass(frozen=True)
@@ -365,13 +395,16 @@ def read_tree(data: bytes) -> Node:
     return root
 
 
-def walk(data: bytes) -> Iterator[Node]:
-    """Every node of a checked blob, root first, in document order."""
-    stack = [read_tree(data)]
-    while stack:
-        node = stack.pop()
-        yield node
-        stack.extend(reversed(node.children))
+def memreserve(data: bytes) -> list[tuple[int, int]]:
+    """``(address, size)`` of each memory reservation of a blob that :func:`check_blob` accepted."""
+    h = read_header(data)
+    count = _libfdt_result("memreserve count", int(libfdt.fdt_num_mem_rsv(bytearray(data))))
+    return [
+        (int(addr), int(size))
+        for addr, size in struct.iter_unpack(
+            ">QQ", data[h.off_mem_rsvmap : h.off_mem_rsvmap + 16 * count]
+        )
+    ]
 
 
 def check_tree(root: Node) -> None:
@@ -392,51 +425,3 @@ def check_tree(root: Node) -> None:
                 raise FragmentError(f"duplicate node {child.name!r} under {node.path}")
             seen.add(child.name)
         stack.extend(node.children)
-
-
-# -- dts ---------------------------------------------------------------------
-
-
-def _show_name(name: str) -> str:
-    return "".join(c if 0x20 < ord(c) < 0x7F else f"\\x{ord(c):02x}" for c in name)
-
-
-def _dts_value(value: bytes) -> str:
-    parts = value[:-1].split(b"\0")
-    if value.endswith(b"\0") and all(p and all(b in _PRINTABLE for b in p) for p in parts):
-        quoted = (p.decode("ascii").replace("\\", "\\\\").replace('"', '\\"') for p in parts)
-        return ", ".join(f'"{q}"' for q in quoted)
-    if len(value) % 4 == 0:
-        cells = struct.unpack(f">{len(value) // 4}I", value)
-        return "<" + " ".join(f"0x{c:02x}" for c in cells) + ">"
-    return "[" + value.hex(" ") + "]"
-
-
-def to_dts(data: bytes) -> str:
-    """dts-like text for a checked blob, decoded in Python (no dtc needed at runtime)."""
-    root = read_tree(data)
-    h = read_header(data)
-    lines = ["/dts-v1/;", ""]
-    for i in range(int(libfdt.fdt_num_mem_rsv(bytearray(data)))):
-        addr, size = struct.unpack_from(">QQ", data, h.off_mem_rsvmap + 16 * i)
-        lines.append(f"/memreserve/ 0x{addr:016x} 0x{size:016x};")
-    if lines[-1]:
-        lines.append("")
-    # (node, depth, blank line before it); None closes the node at that depth.
-    todo: list[tuple[Node | None, int, bool]] = [(root, 0, False)]
-    while todo:
-        node, depth, blank = todo.pop()
-        tab = "\t" * depth
-        if node is None:
-            lines.append(f"{tab}}};")
-            continue
-        lines.extend([""] * blank + [f"{tab}{_show_name(node.name) or '/'} {{"])
-        for name, value in node.properties:
-            shown = f" = {_dts_value(value)}" if value else ""
-            lines.append(f"{tab}\t{_show_name(name)}{shown};")
-        todo.append((None, depth, False))
-        todo.extend(
-            (child, depth + 1, bool(node.properties) or i > 0)
-            for i, child in reversed(list(enumerate(node.children)))
-        )
-    return "\n".join(lines) + "\n"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from khod.payload import PayloadEntry, PayloadImage, assemble
+from khod.payload import PayloadImage
+from khod.payload_layout import PayloadEntry, layout
 from khod.store import Store
 from khod_wire.fragment import start_storage
 from khod_wire.protocol import JSON, ControlOp, ParticipantOp, Topics
@@ -98,13 +99,13 @@ async def test_killed_daemon_resumes_and_produces_the_same_payload(
     assert status["handover"]["state"] == "committed"
     assert status["handover"]["id"] == handover_id
     image = (daemon.state_dir / "payload.kho").read_bytes()
-    expected = assemble(
+    expected = layout(
         handover_id,
         [
             PayloadEntry(n, COMPAT, i, blobs[n], hashlib.sha256(blobs[n]).digest())
             for i, n in enumerate(names)
         ],
-    )
+    ).image
     assert image == expected
     parsed = PayloadImage.parse(image)
     assert [parsed.retrieve(n) for n in names] == [blobs[n] for n in names]

@@ -1,4 +1,4 @@
-"""khod_wire.fdt: the fragment builder, instance encoding, checks, walker and dts decoder."""
+"""khod_wire.fdt: the fragment builder, instance encoding, checks, reader and dts decoder."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from khod_wire import fdt, fragment, identity
+from khod_wire import dts, fdt, fragment, identity
 from khod_wire.errors import FragmentError, RegistrationError
 
 
@@ -35,6 +35,11 @@ def sample_fragment() -> bytes:
     with b.node("memfd"):
         b.property_string("token", "abc")
     return b.finish_storage()
+
+
+def node_paths(root: fdt.Node) -> list[str]:
+    """Every node's path, root first, in document order."""
+    return [root.path] + [p for child in root.children for p in node_paths(child)]
 
 
 def raw_fdt(props: list[tuple[str, bytes]], nodes: Sequence[str] = (), late: str = "") -> bytes:
@@ -81,7 +86,7 @@ def test_builder_round_trip_every_property_kind() -> None:
     assert root.get("flag") == b""
     assert root.get("missing") is None
     assert [p for p, _ in root.properties][:2] == ["compatible", "instance"]
-    paths = [n.path for n in fdt.walk(blob)]
+    paths = node_paths(fdt.read_tree(blob))
     assert paths == ["/", "/queues", "/queues/queue@0", "/queues/queue@1", "/memfd"]
     queue1 = root.children[0].children[1]
     assert queue1.name == "queue@1"
@@ -124,7 +129,7 @@ def test_finish_closes_open_nodes_and_is_final() -> None:
     b.begin_node("a")
     b.begin_node("b")
     blob = b.finish_storage()
-    assert [n.path for n in fdt.walk(blob)] == ["/", "/a", "/a/b"]
+    assert node_paths(fdt.read_tree(blob)) == ["/", "/a", "/a/b"]
     for later in (
         b.finish_storage,
         lambda: b.property_u32("x", 1),
@@ -350,7 +355,7 @@ def test_fragment_passes_dtc_and_fdtdump(tmp_path: Path) -> None:
 
 def test_to_dts_matches_dtc(tmp_path: Path) -> None:
     blob = sample_fragment()
-    text = fdt.to_dts(blob)
+    text = dts.to_dts(blob)
     # dtc 1.6 shows a string list from a dtb as one string with \0 inside; khod
     # shows it the way people write it. Everything else is byte-identical.
     assert 'list = "a", "bc", "def";' in text
@@ -371,7 +376,7 @@ def test_to_dts_escapes_and_memreserve() -> None:
     sw.end_node()
     f = sw.as_fdt()
     f.pack()
-    text = fdt.to_dts(bytes(f.as_bytearray()))
+    text = dts.to_dts(bytes(f.as_bytearray()))
     assert "/memreserve/ 0x0000000000001000 0x0000000000002000;" in text
     assert r'q = "say \"hi\" \\ bye";' in text
     assert r"\xc3\xa9 {" in text
@@ -395,4 +400,21 @@ def test_builder_round_trips_arbitrary_properties(props: dict[str, bytes]) -> No
     root = fdt.read_tree(blob)
     fdt.check_tree(root)
     assert dict(root.properties[2:]) == props
-    assert fdt.to_dts(blob).startswith("/dts-v1/;")
+    assert dts.to_dts(blob).startswith("/dts-v1/;")
+
+
+def test_libfdt_failures_become_fragment_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Raised by pylibfdt: no caller of the writer ever sees an FdtException.
+    def refuse(self: libfdt.FdtSw, name: str) -> None:
+        raise libfdt.FdtException(-libfdt.BADSTATE)
+
+    blob = fragment.start_storage("x,y", 1).finish_storage()
+    w = fdt.FdtWriter()
+    w.begin_node("")
+    monkeypatch.setattr(libfdt.FdtSw, "begin_node", refuse)
+    with pytest.raises(FragmentError, match=r"^libfdt begin_node failed: FDT_ERR_BADSTATE$"):
+        w.begin_node("a")
+    # Returned as a negative code: the same translation.
+    monkeypatch.setattr(libfdt, "fdt_num_mem_rsv", lambda data: -libfdt.TRUNCATED)
+    with pytest.raises(FragmentError, match=r"^libfdt memreserve count failed: FDT_ERR_TRUNCATED$"):
+        dts.to_dts(blob)

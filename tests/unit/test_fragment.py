@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from khod_wire import fdt
+from khod_wire import dts, fdt
 from khod_wire.errors import FragmentError, FragmentMismatch, FragmentTooLarge
 from khod_wire.fragment import FragmentInfo, start_storage, validate_fragment
 
@@ -217,7 +217,7 @@ def test_mutations_are_refused_cleanly_or_stay_valid(blob: bytes) -> None:
         assert info.size == len(blob)
         assert libfdt.fdt_check_full(bytearray(blob), len(blob)) == 0
         fdt.check_tree(fdt.read_tree(blob))
-        fdt.to_dts(blob)
+        dts.to_dts(blob)
         # What khod accepts, dtc accepts too (the payload must pass dtc).
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "f.dtb"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from khod import cli
-from khod.payload import PayloadEntry, PayloadImage, assemble
+from khod.payload import PayloadImage
+from khod.payload_layout import PayloadEntry, layout
 from khod_wire import fragment
 
 HID = "7d3c1b2a-0f9e-4d8c-b7a6-5e4d3c2b1a09"
@@ -32,7 +33,7 @@ def image(tmp_path: Path) -> Path:
             PayloadEntry(name, compatible, instance, blob, hashlib.sha256(blob).digest())
         )
     path = tmp_path / "payload.kho"
-    path.write_bytes(assemble(HID, entries))
+    path.write_bytes(layout(HID, entries).image)
     return path
 
 
@@ -130,6 +131,8 @@ def test_inspect_base_option_reads_an_image_built_for_a_physical_base(tmp_path: 
     blob = fragment.start_storage("test,base-v1", 1).finish_storage()
     entry = PayloadEntry("p", "test,base-v1", 1, blob, hashlib.sha256(blob).digest())
     path = tmp_path / "based.kho"
-    path.write_bytes(assemble("00000000-0000-4000-8000-000000000000", [entry], base=0x8000_0000))
+    path.write_bytes(
+        layout("00000000-0000-4000-8000-000000000000", [entry], base=0x8000_0000).image
+    )
     assert cli.main(["inspect", str(path)]) == 1  # offsets read as from 0: out of bounds
     assert cli.main(["inspect", str(path), "--base", "0x80000000"]) == 0

@@ -183,11 +183,11 @@ def test_read_all_ignores_the_file_position(tmp_path: Path) -> None:
 
 def committed_image(tmp_path: Path) -> tuple[bytes, str]:
     """The image a khod in the old boot would have preserved."""
-    from khod.payload import PayloadEntry, assemble
+    from khod.payload_layout import PayloadEntry, layout
 
     blob = start_storage("test,vm-v1", 1).finish_storage()
     entry = PayloadEntry("vm", "test,vm-v1", 1, blob, hashlib.sha256(blob).digest())
-    return assemble("h-luo", [entry]), hashlib.sha256(blob).hexdigest()
+    return layout("h-luo", [entry]).image, hashlib.sha256(blob).hexdigest()
 
 
 def test_a_handed_over_image_is_restored_like_a_found_one(tmp_path: Path) -> None:

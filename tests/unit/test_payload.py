@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import struct
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from khod.payload import PayloadEntry, PayloadImage, assemble
-from khod_wire import fdt, identity
+from khod.payload import PayloadImage
+from khod.payload_layout import PayloadEntry, layout
+from khod_wire import dts, fdt, identity
 from khod_wire.errors import PayloadError
 from khod_wire.fragment import start_storage, validate_fragment
 
@@ -61,7 +61,7 @@ def links(image: bytes) -> dict[str, fdt.Node]:
 @pytest.mark.parametrize("n", [0, 1, 50])
 def test_round_trip(n: int) -> None:
     given_entries = entries(n)
-    image = assemble(HID, given_entries)
+    image = layout(HID, given_entries).image
     parsed = PayloadImage.parse(image)
     assert parsed.handover_id == HID
     assert parsed.base == 0
@@ -73,23 +73,22 @@ def test_round_trip(n: int) -> None:
         assert ref.size == len(e.blob)
         assert ref.sha256 == e.sha256
         assert parsed.retrieve(e.name) == e.blob
-        assert parsed.retrieve_by(e.compatible, e.instance) == e.blob
     if n == 0:
         assert image == root_of(image)
 
 
 def test_deterministic_and_ordered() -> None:
     es = entries(5)
-    assert assemble(HID, es) == assemble(HID, list(es))
-    reordered = assemble(HID, es[::-1])
-    assert reordered != assemble(HID, es)
+    assert layout(HID, es).image == layout(HID, list(es)).image
+    reordered = layout(HID, es[::-1]).image
+    assert reordered != layout(HID, es).image
     assert [r.name for r in PayloadImage.parse(reordered).entries] == [e.name for e in es[::-1]]
 
 
 @pytest.mark.parametrize(("base", "page"), [(0, 4096), (0x1_0000_0000, 4096), (0x20000, 65536)])
 def test_alignment_and_native_endian_links(base: int, page: int) -> None:
     es = entries(4)
-    image = assemble(HID, es, base=base, page_size=page)
+    image = layout(HID, es, base=base, page_size=page).image
     parsed = PayloadImage.parse(image, base=base, page_size=page)
     root_size = fdt.read_header(image).totalsize
     offsets = [r.offset for r in parsed.entries]
@@ -112,23 +111,19 @@ def test_alignment_and_native_endian_links(base: int, page: int) -> None:
 
 
 def test_retrieve_misses() -> None:
-    parsed = PayloadImage.parse(assemble(HID, [entry("a", "x,y", 3), entry("b", "x,y", "3")]))
-    assert parsed.retrieve_by("x,y", 3) != parsed.retrieve_by("x,y", "3")
-    calls: list[Callable[[], bytes]] = [
-        lambda: parsed.retrieve("c"),
-        lambda: parsed.retrieve_by("x,y", 4),
-        lambda: parsed.retrieve_by("linux-kho,x,y", 3),
-        lambda: parsed.retrieve_by("x,y", True),
-        lambda: parsed.retrieve_by("x,y", -1),
-    ]
-    for call in calls:
+    parsed = PayloadImage.parse(layout(HID, [entry("a", "x,y", 3), entry("b", "x,y", "3")]).image)
+    # An integer instance and its decimal string are two participants, not one.
+    keys = [(r.compatible, r.instance, type(r.instance)) for r in parsed.entries]
+    assert keys == [("x,y", 3, int), ("x,y", "3", str)]
+    assert parsed.retrieve("a") != parsed.retrieve("b")
+    for name in ("c", "", "A", "linux-kho,x,y"):
         with pytest.raises(PayloadError, match="no fragment for"):
-            call()
+            parsed.retrieve(name)
 
 
 def test_manifest_and_from_file(tmp_path: Path) -> None:
     es = entries(3)
-    image = assemble(HID, es)
+    image = layout(HID, es).image
     path = tmp_path / "payload.kho"
     path.write_bytes(image)
     parsed = PayloadImage.from_file(path)
@@ -150,29 +145,42 @@ def test_manifest_and_from_file(tmp_path: Path) -> None:
         PayloadImage.from_file(tmp_path / "missing.kho")
 
 
+def test_commit_manifest_describes_participants_as_the_reader_does() -> None:
+    es = entries(3)
+    es[2] = dataclasses.replace(es[2], restore_after=("vm-0",))
+    done = layout(HID, es, base=0x10000)
+    written = done.manifest(HID, es, base=0x10000)
+    read = PayloadImage.parse(done.image, base=0x10000).manifest()
+    assert written["participants"] == read["participants"]
+    assert written["root_sha256"] == hashlib.sha256(done.image[: done.root_size]).hexdigest()
+    assert {k: written[k] for k in ("format", "handover_id", "base", "page_size", "size")} == {
+        k: read[k] for k in ("format", "handover_id", "base", "page_size", "size")
+    }
+
+
 def test_restore_order_travels_in_the_image() -> None:
     es = entries(3)
     es[2] = dataclasses.replace(es[2], restore_after=("vm-0", "vm-1"))
-    image = assemble(HID, es)
+    image = layout(HID, es).image
     parsed = PayloadImage.parse(image)
     assert [r.restore_after for r in parsed.entries] == [(), (), ("vm-0", "vm-1")]
     assert parsed.manifest()["participants"][2]["restore_after"] == ["vm-0", "vm-1"]
     assert links(image)["vm-2"].get("restore-after") == b"vm-0\0vm-1\0"
     assert links(image)["vm-0"].get("restore-after") is None
-    assert 'restore-after = "vm-0", "vm-1";' in fdt.to_dts(root_of(image))
+    assert 'restore-after = "vm-0", "vm-1";' in dts.to_dts(root_of(image))
 
 
 @pytest.mark.parametrize("bad", ["vm-0", ("",), ("a\0b",), ("é",)])
 def test_assemble_refuses_bad_restore_order(bad: Any) -> None:
     e = entry("a", "x,y", 1)
     with pytest.raises(PayloadError, match="participant 'a': restore_after"):
-        assemble(HID, [PayloadEntry(e.name, e.compatible, e.instance, e.blob, e.sha256, bad)])
+        layout(HID, [PayloadEntry(e.name, e.compatible, e.instance, e.blob, e.sha256, bad)])
 
 
 def test_assembly_only_links() -> None:
     # Not an FDT at all: assembly must not look inside, the reader must refuse it.
     junk = b"not an fdt" * 10
-    image = assemble(HID, [entry("a", "x,y", 1), entry("junk", "x,y", 2, junk)])
+    image = layout(HID, [entry("a", "x,y", 1), entry("junk", "x,y", 2, junk)]).image
     assert junk in image
     with pytest.raises(PayloadError, match=r"participant 'junk' at offset 0x2000: bad magic"):
         PayloadImage.parse(image)
@@ -191,19 +199,19 @@ def test_assemble_refusals() -> None:
     ]
     for es, message in cases:
         with pytest.raises(PayloadError, match=message):
-            assemble(HID, es)
+            layout(HID, es)
     for hid in ("", "a\0b", "é", "x" * 129):
         with pytest.raises(PayloadError, match="handover id"):
-            assemble(hid, [a])
+            layout(hid, [a])
     with pytest.raises(ValueError, match="page_size"):
-        assemble(HID, [a], page_size=3000)
+        layout(HID, [a], page_size=3000)
     with pytest.raises(ValueError, match="base"):
-        assemble(HID, [a], base=0x1001)
+        layout(HID, [a], base=0x1001)
 
 
 def test_root_and_fragments_pass_dtc_and_fdtdump(tmp_path: Path) -> None:
     es = entries(3)
-    image = assemble(HID, es)
+    image = layout(HID, es).image
     parsed = PayloadImage.parse(image)
     blobs = {"root": root_of(image)} | {r.name: image[r.offset : r.offset + r.size]
                                          for r in parsed.entries}  # fmt: skip
@@ -214,7 +222,7 @@ def test_root_and_fragments_pass_dtc_and_fdtdump(tmp_path: Path) -> None:
         out[name] = subprocess.run(["dtc", "-I", "dtb", "-O", "dts", str(path)],
                                    capture_output=True, text=True, check=True).stdout  # fmt: skip
         subprocess.run(["fdtdump", str(path)], capture_output=True, check=True)
-        assert out[name] == fdt.to_dts(blob)
+        assert out[name] == dts.to_dts(blob)
     assert 'compatible = "khod-v1";' in out["root"]
     assert f'handover-id = "{HID}";' in out["root"]
     for e in es:
@@ -294,14 +302,14 @@ def test_crafted_good_image_parses() -> None:
 
 
 def test_flipped_byte_in_a_fragment() -> None:
-    image = bytearray(assemble(HID, entries(3)))
+    image = bytearray(layout(HID, entries(3)).image)
     ref = PayloadImage.parse(bytes(image)).entries[1]
     image[ref.offset + ref.size - 5] ^= 0x40
     refused(bytes(image), r"participant 'vm-1' at offset 0x2000: sha256 mismatch")
 
 
 def test_truncated_image() -> None:
-    image = assemble(HID, entries(3))
+    image = layout(HID, entries(3)).image
     refused(image[:-1], r"participant 'vm-2' at offset 0x3000: .* past the end of the image")
     refused(image[:100], r"root FDT: truncated image: 100 bytes, the root alone is")
     refused(image[:20], "root FDT: too short for an FDT: 20 bytes")
@@ -416,7 +424,7 @@ def test_bad_parse_arguments() -> None:
 
 # -- hostile images ----------------------------------------------------------
 
-IMAGE = assemble(HID, entries(3))
+IMAGE = layout(HID, entries(3)).image
 
 
 def fragments_verify(parsed: PayloadImage) -> None:
