@@ -330,7 +330,10 @@ def newer(
     return last is None or status.epoch != last[0] or status.seq > last[1]
 
 
-def decode(model: type[Request], body: bytes) -> Request:
+RequestT = TypeVar("RequestT", bound=Request)
+
+
+def decode(model: type[RequestT], body: bytes) -> RequestT:
     """Parse a request body; an empty body is an empty request."""
     if len(body) > MAX_JSON_BODY:
         raise ProtocolError(f"request body of {len(body)} bytes exceeds {MAX_JSON_BODY}")
