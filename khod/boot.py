@@ -13,13 +13,13 @@ from pathlib import Path
 from khod.config import Settings
 from khod.handover import Outgoing
 from khod.host import Host
-from khod.lifecycle import HandoverState
 from khod.payload import PayloadImage
 from khod.persist import Persister
 from khod.restore import Claim, Incoming
 from khod.store import Store
 from khod.worker import Batch
 from khod_wire.errors import ConfigError, PayloadError
+from khod_wire.protocol import HandoverState
 
 log = logging.getLogger(__name__)
 

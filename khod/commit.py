@@ -18,12 +18,11 @@ from khod import assembly, backend
 from khod.boot import boot_id
 from khod.config import Settings
 from khod.host import Host
-from khod.lifecycle import HandoverState
 from khod.persist import Persister
 from khod.replies import ok, refused
 from khod.worker import Batch, Worker
 from khod_wire.errors import KhodError
-from khod_wire.protocol import JSON, AbortRequest, ControlOp
+from khod_wire.protocol import JSON, AbortRequest, ControlOp, HandoverState
 
 log = logging.getLogger(__name__)
 

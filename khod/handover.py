@@ -17,11 +17,12 @@ from typing import Any
 
 from khod.lifecycle import (
     ABORTABLE,
-    ACTIVE,
+    RUNNING_STATES,
     HandoverEvent,
     HandoverState,
     ParticipantEvent,
     ParticipantState,
+    check_after,
     find_cycle,
     handover_next,
     order,
@@ -215,7 +216,7 @@ class Outgoing:
         return name in self._members
 
     def in_handover(self, name: str) -> bool:
-        return self.handover.state in ACTIVE and self.is_member(name)
+        return self.handover.state in RUNNING_STATES and self.is_member(name)
 
     def missing_count(self) -> int:
         """How many expected participants are not serialized (or frozen) yet, in O(1)."""
@@ -272,7 +273,7 @@ class Outgoing:
     def counts(self) -> dict[str, int]:
         """Participants per state: those of the running handover, else all."""
         c = {str(s): 0 for s in ParticipantState}
-        running = self.handover.state in ACTIVE
+        running = self.handover.state in RUNNING_STATES
         members = set(self.handover.expected)
         for p in self.participants.values():
             if not running or p.name in members:
@@ -308,8 +309,7 @@ class Outgoing:
             updated_at=now,
         )
         for kind, deps in (("freeze", new.freeze_after), ("restore", new.restore_after)):
-            if name in deps:
-                raise OrderingError(f"{name!r} cannot {kind} after itself")
+            check_after(name, deps, what=kind)
         old = self.participants.get(name)
         if old is not None and not old.same_identity(new):
             raise RegistrationError(
@@ -623,12 +623,7 @@ class Outgoing:
     def _check_known_order(self, p: Participant, members: Iterable[str]) -> None:
         known = set(members)
         for kind, deps in (("freeze", p.freeze_after), ("restore", p.restore_after)):
-            unknown = [d for d in deps if d not in known]
-            if unknown:
-                raise OrderingError(
-                    f"{p.name!r} must {kind} after {', '.join(map(repr, unknown))}, "
-                    "which is not part of the handover"
-                )
+            check_after(p.name, deps, known, what=kind)
 
     def _check_acyclic(self, new: Participant) -> None:
         for kind in ("freeze_after", "restore_after"):

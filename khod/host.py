@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 from khod import __version__
 from khod.handover import Handover, Outgoing, Participant
-from khod.lifecycle import HandoverState
 from khod.payload import PayloadImage
 from khod.restore import Incoming
 from khod.status import (
@@ -31,6 +30,7 @@ from khod.store import Store
 from khod_wire.protocol import (
     DaemonStatus,
     HandoverSignal,
+    HandoverState,
     HandoverStatus,
     ParticipantStatus,
 )

@@ -21,7 +21,6 @@ from khod.commit import Committer
 from khod.config import Settings
 from khod.handover import Changes
 from khod.host import Host
-from khod.lifecycle import HandoverState, HostRestoreState, ParticipantState, RestoreState
 from khod.persist import Persister
 from khod.replies import Key, ok
 from khod.restore import Incoming
@@ -35,8 +34,12 @@ from khod_wire.protocol import (
     EmptyRequest,
     FailRequest,
     FreezeRequest,
+    HandoverState,
+    HostRestoreState,
     ParticipantOp,
+    ParticipantState,
     RegisterRequest,
+    RestoreState,
 )
 
 log = logging.getLogger(__name__)

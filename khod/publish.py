@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from khod.announce import Announcer
 from khod.host import Host
-from khod.lifecycle import HandoverState
 from khod.worker import Batch
+from khod_wire.protocol import BLACKOUT_STATES
 from khod_wire.transport import Publication
-
-#: Handover states of the blackout (freeze signal to commit).
-BLACKOUT = frozenset({HandoverState.FREEZING, HandoverState.FROZEN, HandoverState.ASSEMBLED})
 
 
 class BatchPublisher:
@@ -37,7 +34,7 @@ class BatchPublisher:
         # abort, it does not cost each participant one more message while the
         # others freeze. A change another caused (may_freeze, left out) is a
         # signal to that participant: it goes at once.
-        blackout = host.inc is None and host.out.handover.state in BLACKOUT
+        blackout = host.inc is None and host.out.handover.state in BLACKOUT_STATES
         names = list(batch.participants)
         released: list[str] = []
         if blackout:

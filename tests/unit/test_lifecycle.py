@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 
 from khod.lifecycle import (
     ABORTABLE,
-    ACTIVE,
     HANDOVER_TABLE,
     HOST_RESTORE_TABLE,
     PARTICIPANT_TABLE,
     RESTORE_TABLE,
+    RUNNING_STATES,
     TABLES,
     HandoverEvent,
     HandoverState,
@@ -210,9 +210,9 @@ def test_tables_registry_names_the_machines() -> None:
     }
 
 
-def test_abortable_and_active() -> None:
+def test_abortable_and_running() -> None:
     assert {str(s) for s in ABORTABLE} == {"preparing", "freezing", "frozen", "assembled"}
-    assert {str(s) for s in ACTIVE} == {"preparing", "freezing", "frozen", "assembled"}
+    assert {str(s) for s in RUNNING_STATES} == {"preparing", "freezing", "frozen", "assembled"}
 
 
 def test_illegal_transition_detail_is_appended() -> None:
@@ -382,10 +382,3 @@ def test_order_unknown_name_is_refused(after: dict[str, list[str]], data: st.Dat
     after[victim] = [*after[victim], ghost]
     with pytest.raises(OrderingError, match=re.escape(repr(ghost))):
         order(after)
-
-
-def test_the_wire_names_the_same_running_states_as_the_tables() -> None:
-    from khod.lifecycle import ACTIVE
-    from khod_wire.protocol import RUNNING_STATES
-
-    assert {str(s) for s in ACTIVE} == RUNNING_STATES
