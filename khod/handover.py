@@ -512,7 +512,6 @@ class Outgoing:
                 self._participant(changes, p, ParticipantEvent.CANCEL, now, detail="abort")
                 p.fragment_size = p.fragment_sha256 = None
                 changes.drop_fragments.add(p.name)
-        self._handover(changes, HandoverEvent.RESET)
         self.handover.payload = None
         self.handover.freeze_order = ()
         self._dependents = {}

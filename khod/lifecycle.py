@@ -7,8 +7,8 @@ Three machines, each one explicit table ``{STATE: {EVENT: NEXT_STATE}}``:
 * the **handover** (outgoing side, one per host)::
 
       idle -> preparing -> freezing -> frozen -> assembled -> committed
-      any state before committed -> aborting -> idle
-      committed -> aborting -> idle   (withdraw: the kexec will not happen)
+      any state before committed -> idle   (abort)
+      committed -> idle                     (withdraw: the kexec will not happen)
 
 * a **participant** inside a handover::
 
@@ -84,7 +84,6 @@ class HandoverEvent(StrEnum):
     COMMIT = "commit"
     ABORT = "abort"
     WITHDRAW = "withdraw"
-    RESET = "reset"
 
 
 class ParticipantEvent(StrEnum):
@@ -110,15 +109,14 @@ H, P, R = HandoverState, ParticipantState, RestoreState
 
 HANDOVER_TABLE: dict[HandoverState, dict[HandoverEvent, HandoverState]] = {
     H.IDLE: {HandoverEvent.BEGIN: H.PREPARING},
-    H.PREPARING: {HandoverEvent.FREEZE: H.FREEZING, HandoverEvent.ABORT: H.ABORTING},
-    H.FREEZING: {HandoverEvent.ALL_FROZEN: H.FROZEN, HandoverEvent.ABORT: H.ABORTING},
-    H.FROZEN: {HandoverEvent.ASSEMBLE: H.ASSEMBLED, HandoverEvent.ABORT: H.ABORTING},
-    H.ASSEMBLED: {HandoverEvent.COMMIT: H.COMMITTED, HandoverEvent.ABORT: H.ABORTING},
+    H.PREPARING: {HandoverEvent.FREEZE: H.FREEZING, HandoverEvent.ABORT: H.IDLE},
+    H.FREEZING: {HandoverEvent.ALL_FROZEN: H.FROZEN, HandoverEvent.ABORT: H.IDLE},
+    H.FROZEN: {HandoverEvent.ASSEMBLE: H.ASSEMBLED, HandoverEvent.ABORT: H.IDLE},
+    H.ASSEMBLED: {HandoverEvent.COMMIT: H.COMMITTED, HandoverEvent.ABORT: H.IDLE},
     # Committed is final for this boot, like KHO after finalization (-EBUSY),
     # with one way back: the operator withdraws the payload because the kexec
     # will not happen (postponed, `kexec -l` failed), and everyone thaws.
-    H.COMMITTED: {HandoverEvent.WITHDRAW: H.ABORTING},
-    H.ABORTING: {HandoverEvent.RESET: H.IDLE},
+    H.COMMITTED: {HandoverEvent.WITHDRAW: H.IDLE},
 }
 
 PARTICIPANT_TABLE: dict[ParticipantState, dict[ParticipantEvent, ParticipantState]] = {

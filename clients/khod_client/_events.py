@@ -14,7 +14,7 @@ into events for one participant; :class:`Tracker` holds the rules:
   ``serialized``, and its own state does not say ``may_freeze: false``
   (only a participant that named ``freeze_after`` waits for ``true``);
   once per handover;
-* **cancelled** — the handover shows ``aborting`` or ``idle``, or it is
+* **cancelled** — the handover shows ``idle``, or it is
   replaced by a different id, or the participant's own state no longer
   names it (left out by a forced freeze): once per handover. ``committed``
   ends it, except that an operator may withdraw a committed payload (the
@@ -48,7 +48,7 @@ from khod_wire.protocol import (
 RUNNING = RUNNING_STATES
 #: States in which a participant that takes part still serializes or freezes.
 BEGUN = BEGUN_STATES
-#: States that end a handover without a payload (abort resets to idle at once).
+#: States that end a handover without a payload (an abort goes back to idle).
 ENDED = ENDED_STATES
 #: States in which every participant of the handover has already frozen.
 PAST_FREEZE = PAST_FREEZE_STATES

@@ -87,7 +87,6 @@ class HandoverState(StrEnum):
     FROZEN = "frozen"
     ASSEMBLED = "assembled"
     COMMITTED = "committed"
-    ABORTING = "aborting"
 
 
 class ParticipantState(StrEnum):
