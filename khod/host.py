@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from khod import __version__
-from khod.handover import Handover, Outgoing, Participant
+from khod.handover import Outgoing
 from khod.payload import PayloadImage
+from khod.records import Handover, Participant
 from khod.restore import Incoming
 from khod.status import (
     claim_status,

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from khod.changes import Changes
 from khod.commit import Committer
 from khod.config import Settings
-from khod.handover import Changes
 from khod.host import Host
 from khod.persist import Persister
 from khod.replies import Key, ok

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from khod.handover import Changes
+from khod.changes import Changes
 from khod.host import Host
 from khod.store import Store
 from khod.worker import Batch

@@ -19,8 +19,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from khod.handover import Changes, Handover, Outgoing, Participant, Transition
+from khod.changes import Changes, Transition
+from khod.handover import Outgoing
 from khod.lifecycle import HandoverState, ParticipantState
+from khod.records import Handover, Participant
 from khod_wire.errors import (
     Busy,
     IllegalTransition,
@@ -97,7 +99,7 @@ def test_happy_path_with_auto_freeze() -> None:
     out = Outgoing()
     c = reg(out, "db", now=0.5)
     assert c.participants == {"db"}
-    assert c.transitions == [Transition("db", "register", None, "registered")]
+    assert c.transitions == [Transition.step("db", "register", None, "registered")]
     reg(out, "vm")
     reg(out, "agent", freeze_after=["vm"])
     assert out.handover.state is H.IDLE
@@ -710,7 +712,7 @@ def test_changes_truthiness() -> None:
     assert Changes(handover=True)
     assert Changes(participants={"a"})
     assert Changes(removed={"a"})
-    assert Changes(transitions=[Transition("a", "x", None, "y")])
+    assert Changes(transitions=[Transition.step("a", "x", None, "y")])
 
 
 # -- persistence -------------------------------------------------------------------
