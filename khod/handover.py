@@ -1,8 +1,10 @@
 """The outgoing side (``kho_out``): one handover and its participants, pure.
 
 ``Outgoing`` applies requests to the lifecycle tables of ``khod.lifecycle``
-and reports what changed as a ``Changes`` value; the service persists those
-changes in one store transaction, then acknowledges and publishes. Every
+and reports what changed as a ``Changes`` value (``khod.changes``); the
+daemon persists those changes in one store transaction, then acknowledges
+and publishes. The records are ``khod.records``; the indexes and the
+read-only questions about who takes part are ``khod.members``. Every
 method validates everything before it mutates anything, so a refused
 request leaves the aggregate exactly as it was.
 
@@ -12,21 +14,23 @@ Time is always passed in (``now``): this module never reads a clock.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+from khod.changes import Changes, Transition
 from khod.lifecycle import (
     ABORTABLE,
-    ACTIVE,
     HandoverEvent,
     HandoverState,
     ParticipantEvent,
     ParticipantState,
+    check_after,
     find_cycle,
     handover_next,
     order,
     participant_next,
 )
+from khod.members import Members
+from khod.records import Handover, Participant
 from khod_wire import identity
 from khod_wire.errors import (
     Busy,
@@ -41,251 +45,8 @@ P = ParticipantState
 H = HandoverState
 
 
-@dataclass
-class Participant:
-    name: str
-    compatible: str
-    instance: identity.Instance
-    freeze_after: tuple[str, ...] = ()
-    restore_after: tuple[str, ...] = ()
-    state: ParticipantState = P.REGISTERED
-    fragment_size: int | None = None
-    fragment_sha256: str | None = None
-    error: str | None = None
-    updated_at: float = 0.0
-    #: the status sequence number it was last published with (the daemon stamps it)
-    seq: int = 0
-
-    def same_identity(self, other: Participant) -> bool:
-        return (self.compatible, self.instance, self.freeze_after, self.restore_after) == (
-            other.compatible,
-            other.instance,
-            other.freeze_after,
-            other.restore_after,
-        )
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "compatible": self.compatible,
-            "instance": self.instance,
-            "freeze_after": list(self.freeze_after),
-            "restore_after": list(self.restore_after),
-            "state": str(self.state),
-            "fragment_size": self.fragment_size,
-            "fragment_sha256": self.fragment_sha256,
-            "error": self.error,
-            "updated_at": self.updated_at,
-            "seq": self.seq,
-        }
-
-    @classmethod
-    def from_record(cls, r: Mapping[str, Any]) -> Participant:
-        return cls(
-            name=r["name"],
-            compatible=r["compatible"],
-            instance=r["instance"],
-            freeze_after=tuple(r.get("freeze_after", ())),
-            restore_after=tuple(r.get("restore_after", ())),
-            state=ParticipantState(r["state"]),
-            fragment_size=r.get("fragment_size"),
-            fragment_sha256=r.get("fragment_sha256"),
-            error=r.get("error"),
-            updated_at=float(r.get("updated_at", 0.0)),
-            seq=int(r.get("seq", 0)),
-        )
-
-
-@dataclass
-class Handover:
-    id: str | None = None
-    state: HandoverState = H.IDLE
-    deadline: float | None = None
-    expected: tuple[str, ...] = ()
-    explicit: bool = False  # the operator named who to expect
-    auto_freeze: bool = True
-    began_at: float | None = None
-    freeze_at: float | None = None
-    committed_at: float | None = None
-    left_out: tuple[str, ...] = ()
-    freeze_order: tuple[str, ...] = ()
-    abort_reason: str | None = None
-    last_id: str | None = None  # the id of the previous (aborted) handover
-    payload: dict[str, Any] | None = None
-    seq: int = 0  # the status sequence number it was last published with
-
-    def to_record(self) -> dict[str, Any]:
-        r = dict(self.__dict__)
-        r["state"] = str(self.state)
-        r["expected"] = list(self.expected)
-        r["left_out"] = list(self.left_out)
-        r["freeze_order"] = list(self.freeze_order)
-        return r
-
-    @classmethod
-    def from_record(cls, r: Mapping[str, Any]) -> Handover:
-        h = cls(**{k: v for k, v in r.items() if k in cls.__dataclass_fields__})
-        h.state = HandoverState(h.state)
-        h.expected = tuple(h.expected)
-        h.left_out = tuple(h.left_out)
-        h.freeze_order = tuple(h.freeze_order)
-        return h
-
-
-@dataclass(frozen=True)
-class Transition:
-    subject: str  # "handover" or the participant's name
-    event: str
-    from_state: str | None
-    to_state: str
-    detail: str = ""
-
-
-@dataclass
-class Changes:
-    """What one request changed, for the service to persist and publish."""
-
-    handover: bool = False
-    participants: set[str] = field(default_factory=set)
-    removed: set[str] = field(default_factory=set)
-    transitions: list[Transition] = field(default_factory=list)
-    drop_fragments: set[str] = field(default_factory=set)
-    # Set when every participant is frozen: the service assembles the payload.
-    assemble: bool = False
-
-    def __bool__(self) -> bool:
-        return bool(self.handover or self.participants or self.removed or self.transitions)
-
-
-class Outgoing:
-    """One host's handover and its registered participants."""
-
-    def __init__(
-        self,
-        handover: Handover | None = None,
-        participants: Iterable[Participant] = (),
-    ) -> None:
-        self.handover = handover or Handover()
-        self.participants: dict[str, Participant] = {p.name: p for p in participants}
-        # Indexes that keep every request O(1) in the number of participants:
-        # the members of the handover as a set, and how many are in each
-        # state. Rebuilt (O(N)) only when ``handover.expected`` is replaced,
-        # which begin and a forced freeze do, never a participant's request.
-        self._indexed: tuple[str, ...] | None = None
-        self._members: set[str] = set()
-        self._tally: dict[ParticipantState, int] = {}
-        #: who names whom in freeze_after, among the members (built at freeze)
-        self._dependents: dict[str, list[str]] = {}
-        if self.handover.state is H.FREEZING:
-            self._index_dependents()
-
-    # -- indexes -------------------------------------------------------------
-
-    def _index(self) -> None:
-        expected = self.handover.expected
-        if self._indexed is expected:
-            return
-        self._indexed = expected
-        self._members = set(expected)
-        self._tally = dict.fromkeys(ParticipantState, 0)
-        for n in self._members:
-            p = self.participants.get(n)
-            if p is not None:
-                self._tally[p.state] += 1
-
-    def _join(self, name: str) -> None:
-        """Add ``name`` to the expected members, keeping the indexes (O(1) amortized)."""
-        self._index()
-        self.handover.expected = (*self.handover.expected, name)
-        self._indexed = self.handover.expected
-        self._members.add(name)
-        p = self.participants.get(name)
-        if p is not None:
-            self._tally[p.state] += 1
-
-    def _count(self, *states: ParticipantState) -> int:
-        self._index()
-        return sum(self._tally[s] for s in states)
-
-    # -- queries -------------------------------------------------------------
-
-    def is_member(self, name: str) -> bool:
-        """Whether ``name`` is expected by the current handover (running or not)."""
-        self._index()
-        return name in self._members
-
-    def in_handover(self, name: str) -> bool:
-        return self.handover.state in ACTIVE and self.is_member(name)
-
-    def missing_count(self) -> int:
-        """How many expected participants are not serialized (or frozen) yet, in O(1)."""
-        return len(self.handover.expected) - self._count(P.SERIALIZED, P.FROZEN)
-
-    def not_frozen_count(self) -> int:
-        return len(self.handover.expected) - self._count(P.FROZEN)
-
-    def may_freeze(self, name: str) -> bool | None:
-        """Whether one that named ``freeze_after`` may freeze now; None if it named none."""
-        p = self.participants[name]
-        if not p.freeze_after:
-            return None
-        return (
-            self.handover.state is H.FREEZING
-            and p.state is P.SERIALIZED
-            and self.is_member(name)
-            and not self._waiting_for(name)
-        )
-
-    def missing(self) -> list[str]:
-        """Expected participants not serialized (or frozen) yet."""
-        ok = (P.SERIALIZED, P.FROZEN)
-        return [
-            n
-            for n in self.handover.expected
-            if n not in self.participants or self.participants[n].state not in ok
-        ]
-
-    def not_frozen(self) -> list[str]:
-        return [
-            n
-            for n in self.handover.expected
-            if n not in self.participants or self.participants[n].state is not P.FROZEN
-        ]
-
-    def may_freeze_now(self) -> list[str]:
-        """Serialized participants whose freeze predecessors are all frozen."""
-        if self.handover.state is not H.FREEZING:
-            return []
-        return [
-            n
-            for n in self.handover.freeze_order
-            if self.participants[n].state is P.SERIALIZED and not self._waiting_for(n)
-        ]
-
-    def _waiting_for(self, name: str) -> list[str]:
-        return [
-            m
-            for m in self.participants[name].freeze_after
-            if self.is_member(m) and self.participants[m].state is not P.FROZEN
-        ]
-
-    def counts(self) -> dict[str, int]:
-        """Participants per state: those of the running handover, else all."""
-        c = {str(s): 0 for s in ParticipantState}
-        running = self.handover.state in ACTIVE
-        members = set(self.handover.expected)
-        for p in self.participants.values():
-            if not running or p.name in members:
-                c[str(p.state)] += 1
-        return c
-
-    def waiting(self) -> list[str]:
-        """Who the handover waits for now: to serialize, then to freeze."""
-        if self.handover.state is H.PREPARING:
-            return self.missing()
-        if self.handover.state is H.FREEZING:
-            return self.not_frozen()
-        return []
+class Outgoing(Members):
+    """One host's handover and its registered participants: the requests that change them."""
 
     # -- requests from participants ------------------------------------------
 
@@ -308,8 +69,7 @@ class Outgoing:
             updated_at=now,
         )
         for kind, deps in (("freeze", new.freeze_after), ("restore", new.restore_after)):
-            if name in deps:
-                raise OrderingError(f"{name!r} cannot {kind} after itself")
+            check_after(name, deps, what=kind)
         old = self.participants.get(name)
         if old is not None and not old.same_identity(new):
             raise RegistrationError(
@@ -339,7 +99,7 @@ class Outgoing:
             if self.is_member(name):
                 self._tally[new.state] += 1
             changes.participants.add(name)
-            changes.transitions.append(Transition(name, "register", None, P.REGISTERED))
+            changes.transitions.append(Transition.step(name, "register", None, P.REGISTERED))
         else:
             self._participant(changes, old, ParticipantEvent.REGISTER, now)
         p = self.participants[name]
@@ -406,7 +166,7 @@ class Outgoing:
         self._participant(changes, p, ParticipantEvent.FAIL, now, detail=reason)
         p.error = reason
         if self.in_handover(name):
-            changes = self._merge(changes, self.abort(f"{name} failed: {reason}", now=now))
+            changes.merge(self.abort(f"{name} failed: {reason}", now=now))
         return changes
 
     def gone(self, name: str, *, now: float) -> Changes:
@@ -425,7 +185,7 @@ class Outgoing:
         changes.removed.add(name)
         changes.participants.discard(name)
         changes.drop_fragments.add(name)
-        changes.transitions.append(Transition(name, "gone", str(p.state), "removed"))
+        changes.transitions.append(Transition.step(name, "gone", str(p.state), "removed"))
         return changes
 
     # -- requests from the operator ------------------------------------------
@@ -512,7 +272,6 @@ class Outgoing:
                 self._participant(changes, p, ParticipantEvent.CANCEL, now, detail="abort")
                 p.fragment_size = p.fragment_sha256 = None
                 changes.drop_fragments.add(p.name)
-        self._handover(changes, HandoverEvent.RESET)
         self.handover.payload = None
         self.handover.freeze_order = ()
         self._dependents = {}
@@ -570,7 +329,9 @@ class Outgoing:
         detail: str = "",
     ) -> None:
         to = participant_next(p.state, event)
-        changes.transitions.append(Transition(p.name, str(event), str(p.state), str(to), detail))
+        changes.transitions.append(
+            Transition.step(p.name, str(event), str(p.state), str(to), detail)
+        )
         changes.participants.add(p.name)
         if self.is_member(p.name):
             self._tally[p.state] -= 1
@@ -589,7 +350,9 @@ class Outgoing:
     ) -> None:
         frm = from_state or self.handover.state
         to = handover_next(frm, event)
-        changes.transitions.append(Transition("handover", str(event), str(frm), str(to), detail))
+        changes.transitions.append(
+            Transition.step("handover", str(event), str(frm), str(to), detail)
+        )
         changes.handover = True
         self.handover.state = to
 
@@ -613,22 +376,10 @@ class Outgoing:
         self._handover(changes, HandoverEvent.FREEZE)
         self.handover.freeze_at = now
 
-    def _index_dependents(self) -> None:
-        self._dependents = {}
-        for n in self.handover.freeze_order:
-            for d in self.participants[n].freeze_after:
-                if self.is_member(d):
-                    self._dependents.setdefault(d, []).append(n)
-
     def _check_known_order(self, p: Participant, members: Iterable[str]) -> None:
         known = set(members)
         for kind, deps in (("freeze", p.freeze_after), ("restore", p.restore_after)):
-            unknown = [d for d in deps if d not in known]
-            if unknown:
-                raise OrderingError(
-                    f"{p.name!r} must {kind} after {', '.join(map(repr, unknown))}, "
-                    "which is not part of the handover"
-                )
+            check_after(p.name, deps, known, what=kind)
 
     def _check_acyclic(self, new: Participant) -> None:
         for kind in ("freeze_after", "restore_after"):
@@ -642,13 +393,3 @@ class Outgoing:
             if cycle:
                 what = kind.removesuffix("_after")
                 raise OrderingError(f"{what} order would have a cycle: {' -> '.join(cycle)}")
-
-    @staticmethod
-    def _merge(a: Changes, b: Changes) -> Changes:
-        a.handover |= b.handover
-        a.participants |= b.participants
-        a.removed |= b.removed
-        a.transitions += b.transitions
-        a.drop_fragments |= b.drop_fragments
-        a.assemble |= b.assemble
-        return a

@@ -7,8 +7,8 @@ Three machines, each one explicit table ``{STATE: {EVENT: NEXT_STATE}}``:
 * the **handover** (outgoing side, one per host)::
 
       idle -> preparing -> freezing -> frozen -> assembled -> committed
-      any state before committed -> aborting -> idle
-      committed -> aborting -> idle   (withdraw: the kexec will not happen)
+      any state before committed -> idle   (abort)
+      committed -> idle                     (withdraw: the kexec will not happen)
 
 * a **participant** inside a handover::
 
@@ -23,6 +23,9 @@ Three machines, each one explicit table ``{STATE: {EVENT: NEXT_STATE}}``:
 
   and the host's restore: ``restoring -> released``.
 
+The states themselves are part of the wire contract and are defined once,
+in ``khod_wire.protocol`` (with the sets derived from them, such as
+``RUNNING_STATES``); this module adds the events and the transitions.
 Everything that decides whether a transition is legal lives here; the
 aggregates in ``khod.handover`` and ``khod.restore`` only consult these
 tables. An event a table lacks raises ``IllegalTransition`` naming the
@@ -31,27 +34,46 @@ this module.
 
 Ordering: a participant may name participants it must freeze after (and
 restore after). ``order()`` turns those edges into one deterministic
-sequence and rejects cycles and unknown names.
+sequence and rejects cycles and unknown names; ``check_after`` is the one
+check of a participant's own edges.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from enum import StrEnum
 from typing import TypeVar
 
 from khod_wire.errors import IllegalTransition, OrderingError
+from khod_wire.protocol import (
+    RUNNING_STATES,
+    HandoverState,
+    HostRestoreState,
+    ParticipantState,
+    RestoreState,
+)
 
-
-class HandoverState(StrEnum):
-    IDLE = "idle"
-    PREPARING = "preparing"
-    FREEZING = "freezing"
-    FROZEN = "frozen"
-    ASSEMBLED = "assembled"
-    COMMITTED = "committed"
-    ABORTING = "aborting"
+__all__ = [
+    "ABORTABLE",
+    "HANDOVER_TABLE",
+    "HOST_RESTORE_TABLE",
+    "PARTICIPANT_TABLE",
+    "RESTORE_TABLE",
+    "RUNNING_STATES",
+    "TABLES",
+    "HandoverEvent",
+    "HandoverState",
+    "HostRestoreEvent",
+    "HostRestoreState",
+    "ParticipantEvent",
+    "ParticipantState",
+    "RestoreEvent",
+    "RestoreState",
+    "check_after",
+    "find_cycle",
+    "order",
+]
 
 
 class HandoverEvent(StrEnum):
@@ -62,15 +84,6 @@ class HandoverEvent(StrEnum):
     COMMIT = "commit"
     ABORT = "abort"
     WITHDRAW = "withdraw"
-    RESET = "reset"
-
-
-class ParticipantState(StrEnum):
-    REGISTERED = "registered"
-    PREPARING = "preparing"
-    SERIALIZED = "serialized"
-    FROZEN = "frozen"
-    FAILED = "failed"
 
 
 class ParticipantEvent(StrEnum):
@@ -83,20 +96,9 @@ class ParticipantEvent(StrEnum):
     CANCEL = "cancel"
 
 
-class RestoreState(StrEnum):
-    AVAILABLE = "available"
-    RETRIEVED = "retrieved"
-    FINISHED = "finished"
-
-
 class RestoreEvent(StrEnum):
     RETRIEVE = "retrieve"
     FINISH = "finish"
-
-
-class HostRestoreState(StrEnum):
-    RESTORING = "restoring"
-    RELEASED = "released"
 
 
 class HostRestoreEvent(StrEnum):
@@ -107,15 +109,14 @@ H, P, R = HandoverState, ParticipantState, RestoreState
 
 HANDOVER_TABLE: dict[HandoverState, dict[HandoverEvent, HandoverState]] = {
     H.IDLE: {HandoverEvent.BEGIN: H.PREPARING},
-    H.PREPARING: {HandoverEvent.FREEZE: H.FREEZING, HandoverEvent.ABORT: H.ABORTING},
-    H.FREEZING: {HandoverEvent.ALL_FROZEN: H.FROZEN, HandoverEvent.ABORT: H.ABORTING},
-    H.FROZEN: {HandoverEvent.ASSEMBLE: H.ASSEMBLED, HandoverEvent.ABORT: H.ABORTING},
-    H.ASSEMBLED: {HandoverEvent.COMMIT: H.COMMITTED, HandoverEvent.ABORT: H.ABORTING},
+    H.PREPARING: {HandoverEvent.FREEZE: H.FREEZING, HandoverEvent.ABORT: H.IDLE},
+    H.FREEZING: {HandoverEvent.ALL_FROZEN: H.FROZEN, HandoverEvent.ABORT: H.IDLE},
+    H.FROZEN: {HandoverEvent.ASSEMBLE: H.ASSEMBLED, HandoverEvent.ABORT: H.IDLE},
+    H.ASSEMBLED: {HandoverEvent.COMMIT: H.COMMITTED, HandoverEvent.ABORT: H.IDLE},
     # Committed is final for this boot, like KHO after finalization (-EBUSY),
     # with one way back: the operator withdraws the payload because the kexec
     # will not happen (postponed, `kexec -l` failed), and everyone thaws.
-    H.COMMITTED: {HandoverEvent.WITHDRAW: H.ABORTING},
-    H.ABORTING: {HandoverEvent.RESET: H.IDLE},
+    H.COMMITTED: {HandoverEvent.WITHDRAW: H.IDLE},
 }
 
 PARTICIPANT_TABLE: dict[ParticipantState, dict[ParticipantEvent, ParticipantState]] = {
@@ -172,8 +173,6 @@ TABLES: dict[str, Mapping[StrEnum, Mapping[StrEnum, StrEnum]]] = {
 
 #: Handover states in which a payload does not exist yet and abort is possible.
 ABORTABLE = frozenset(s for s, row in HANDOVER_TABLE.items() if HandoverEvent.ABORT in row)
-#: Handover states in which a handover is running (participants take part).
-ACTIVE = frozenset({H.PREPARING, H.FREEZING, H.FROZEN, H.ASSEMBLED})
 
 S = TypeVar("S", bound=StrEnum)
 E = TypeVar("E", bound=StrEnum)
@@ -212,16 +211,8 @@ def order(after: Mapping[str, Iterable[str]], *, what: str = "freeze") -> list[s
     """
     deps: dict[str, set[str]] = {}
     for name, before in after.items():
-        wanted = set(before)
-        unknown = sorted(wanted - after.keys())
-        if unknown:
-            raise OrderingError(
-                f"{name!r} must {what} after {', '.join(map(repr, unknown))}, "
-                "which is not part of the handover"
-            )
-        if name in wanted:
-            raise OrderingError(f"{name!r} cannot {what} after itself")
-        deps[name] = wanted
+        check_after(name, before, after.keys(), what=what)
+        deps[name] = set(before)
     result: list[str] = []
     done: set[str] = set()
     # A heap: ties broken by name in O(log N), not by re-sorting a list.
@@ -242,6 +233,26 @@ def order(after: Mapping[str, Iterable[str]], *, what: str = "freeze") -> list[s
     if len(result) != len(deps):
         raise OrderingError(f"{what} order has a cycle: {' -> '.join(find_cycle(deps))}")
     return result
+
+
+def check_after(
+    name: str, after: Iterable[str], known: Container[str] | None = None, *, what: str
+) -> None:
+    """The rules of one participant's ordering edges: only names that take part, never itself.
+
+    ``after``: the names ``name`` must ``what`` (freeze, restore) after;
+    ``known``: the names that take part (None: not known yet, at registration).
+    """
+    wanted = sorted(set(after))
+    if known is not None:
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise OrderingError(
+                f"{name!r} must {what} after {', '.join(map(repr, unknown))}, "
+                "which is not part of the handover"
+            )
+    if name in wanted:
+        raise OrderingError(f"{name!r} cannot {what} after itself")
 
 
 def _release(pending: dict[str, int], name: str) -> bool:

@@ -25,10 +25,15 @@ from rich.text import Text
 
 from khod_wire.errors import ProtocolError
 from khod_wire.protocol import (
+    BLACKOUT_STATES,
+    RUNNING_STATES,
     DaemonStatus,
     HandoverSignal,
     HandoverStatus,
+    HostRestoreState,
+    ParticipantState,
     ParticipantStatus,
+    RestoreState,
     Topics,
     load_status,
     parse_status,
@@ -37,15 +42,15 @@ from khod_wire.protocol import (
 M = TypeVar("M", bound=BaseModel)
 
 #: Participant states in lifecycle order, per side of the kexec.
-OUTGOING_STATES = ("registered", "preparing", "serialized", "frozen", "failed")
-INCOMING_STATES = ("available", "retrieved", "finished")
+OUTGOING_STATES = tuple(ParticipantState)
+INCOMING_STATES = tuple(RestoreState)
 #: States only worth a bar when someone is in them (noise otherwise).
 QUIET_STATES = frozenset({"registered", "failed"})
 #: Handover states in which a handover is under way (seen once: an idle with
 #: an abort reason afterwards means it was aborted, not that it never ran).
-RUNNING = frozenset({"preparing", "freezing", "frozen", "assembled", "aborting", "restoring"})
+RUNNING = RUNNING_STATES | {HostRestoreState.RESTORING}
 #: Handover states during which the blackout clock runs.
-BLACKOUT = frozenset({"freezing", "frozen", "assembled"})
+BLACKOUT = BLACKOUT_STATES
 STATE_STYLE = {
     **dict.fromkeys(("serialized", "finished", "online"), "green"),
     **dict.fromkeys(("frozen", "retrieved"), "cyan"),

@@ -1,4 +1,4 @@
-"""Exactly one answer per request: the daemon's cache of recent replies.
+"""Exactly one answer per request: reply bodies, and the daemon's cache of recent replies.
 
 A client re-sends a request with the same correlation data until it hears
 a reply (across broker restarts, for instance). The daemon answers such a
@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from typing import Any
+
+from khod_wire.errors import KhodError
+from khod_wire.protocol import ErrorBody, Reply, encode
 
 #: A digest of the request topic, response topic, correlation data and body:
 #: fixed-size whatever the request, and the same in memory and in the store.
@@ -78,3 +82,18 @@ class ReplyCache:
     def size(self) -> int:
         """Bytes accounted for, keys and overhead included: at most ``max_bytes``."""
         return self._bytes
+
+
+def ok(op: str, data: dict[str, Any]) -> bytes:
+    """The body of a successful reply to ``op``."""
+    return encode(Reply(op=op, ok=True, data=data))
+
+
+def refused(op: str, exc: KhodError) -> bytes:
+    """The body of an error reply: the error's stable code and its message."""
+    return encode(Reply(op=op, ok=False, error=ErrorBody(code=exc.code, message=str(exc))))
+
+
+def internal(op: str, exc: Exception) -> bytes:
+    """The body of the reply to a request that failed unexpectedly."""
+    return encode(Reply(op=op, ok=False, error=ErrorBody(code="internal", message=repr(exc))))

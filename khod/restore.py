@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from khod.handover import Changes, Transition
+from khod.changes import Changes, Transition
 from khod.lifecycle import (
     HostRestoreEvent,
     HostRestoreState,
@@ -221,14 +221,16 @@ class Incoming:
 
     def _step(self, changes: Changes, claim: Claim, event: RestoreEvent, now: float) -> None:
         to = restore_next(claim.state, event)
-        changes.transitions.append(Transition(claim.name, str(event), str(claim.state), str(to)))
+        changes.transitions.append(
+            Transition.step(claim.name, str(event), str(claim.state), str(to))
+        )
         changes.participants.add(claim.name)
         claim.state, claim.updated_at = to, now
 
     def _release(self, changes: Changes, now: float, detail: str) -> None:
         to = host_restore_next(self.state, HostRestoreEvent.RELEASE)
         changes.transitions.append(
-            Transition("restore", "release", str(self.state), str(to), detail)
+            Transition.step("restore", "release", str(self.state), str(to), detail)
         )
         changes.handover = True
         self.state, self.released_at = to, now

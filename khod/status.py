@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from khod.handover import Outgoing, Participant
+from khod.handover import Outgoing
+from khod.records import Participant
 from khod.restore import Incoming
 from khod_wire.protocol import HandoverSignal, HandoverStatus, ParticipantStatus, Registration
 

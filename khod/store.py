@@ -47,29 +47,16 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from khod.changes import Transition
 from khod.store_schema import DB_NAME, open_database, undo
 from khod_wire.errors import StoreError
 
 __all__ = ["Store", "Transition"]
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """One entry of the history: ``subject`` went ``from_state`` -> ``to_state`` on ``event``."""
-
-    seq: int
-    at: float
-    subject: str
-    event: str
-    from_state: str | None
-    to_state: str
-    detail: str
 
 
 class Store:

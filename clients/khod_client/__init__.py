@@ -28,10 +28,11 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from khod_client._events import FragmentReceipt, HandoverCancelled
+from khod_client._events import FragmentReceipt
 from khod_client._participant import Participant
 from khod_wire.errors import (
     BrokerRefused,
+    HandoverCancelled,
     KhodError,
     NotAuthorized,
     PayloadError,

@@ -14,7 +14,7 @@ into events for one participant; :class:`Tracker` holds the rules:
   ``serialized``, and its own state does not say ``may_freeze: false``
   (only a participant that named ``freeze_after`` waits for ``true``);
   once per handover;
-* **cancelled** — the handover shows ``aborting`` or ``idle``, or it is
+* **cancelled** — the handover shows ``idle``, or it is
   replaced by a different id, or the participant's own state no longer
   names it (left out by a forced freeze): once per handover. ``committed``
   ends it, except that an operator may withdraw a committed payload (the
@@ -30,32 +30,32 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from khod_wire.errors import KhodError, ProtocolError
-from khod_wire.protocol import RUNNING_STATES, HandoverSignal, ParticipantStatus, newer
+# Re-exported: _participant.py and older callers import it from here.
+from khod_wire.errors import HandoverCancelled as HandoverCancelled
+from khod_wire.errors import ProtocolError
+from khod_wire.protocol import (
+    BEGUN_STATES,
+    ENDED_STATES,
+    PAST_FREEZE_STATES,
+    RUNNING_STATES,
+    TAKING_PART_STATES,
+    HandoverSignal,
+    ParticipantStatus,
+    newer,
+)
 
 #: Handover states in which a handover runs and its participants take part.
 RUNNING = RUNNING_STATES
 #: States in which a participant that takes part still serializes or freezes.
-BEGUN = frozenset({"preparing", "freezing"})
-#: States that end a handover without a payload (abort resets to idle at once).
-ENDED = frozenset({"aborting", "idle"})
+BEGUN = BEGUN_STATES
+#: States that end a handover without a payload (an abort goes back to idle).
+ENDED = ENDED_STATES
 #: States in which every participant of the handover has already frozen.
-PAST_FREEZE = frozenset({"frozen", "assembled", "committed"})
+PAST_FREEZE = PAST_FREEZE_STATES
 #: A participant's own states while it takes part in a handover.
-TAKING_PART = frozenset({"preparing", "serialized", "frozen"})
+TAKING_PART = TAKING_PART_STATES
 
 M = TypeVar("M", bound=BaseModel)
-
-
-class HandoverCancelled(KhodError):
-    """The handover this participant takes part in was cancelled; it must resume running."""
-
-    code = "cancelled"
-
-    def __init__(self, reason: str, handover_id: str | None = None) -> None:
-        self.reason = reason
-        self.handover_id = handover_id
-        super().__init__(f"handover {handover_id} cancelled: {reason}")
 
 
 @dataclass(frozen=True)

@@ -174,3 +174,21 @@ class WithdrawError(KhodError):
     """A committed payload could not be withdrawn; it stays committed."""
 
     code = "withdraw-failed"
+
+
+# -- participants (client side) ------------------------------------------------
+
+
+class HandoverCancelled(KhodError):
+    """The handover this participant takes part in was cancelled; it must resume running.
+
+    Raised by the SDK from the daemon's signals (abort, withdraw, left out);
+    never sent in a reply.
+    """
+
+    code = "cancelled"
+
+    def __init__(self, reason: str, handover_id: str | None = None) -> None:
+        self.reason = reason
+        self.handover_id = handover_id
+        super().__init__(f"handover {handover_id} cancelled: {reason}")

@@ -75,8 +75,52 @@ class ControlOp(StrEnum):
     STATUS = "status"
 
 
+# -- states: every state of every lifecycle, defined once -----------------------
+# The transitions between them are the daemon's (khod.lifecycle); what a
+# state means to a reader (running, ended, ...) is here, derived from these.
+
+
+class HandoverState(StrEnum):
+    IDLE = "idle"
+    PREPARING = "preparing"
+    FREEZING = "freezing"
+    FROZEN = "frozen"
+    ASSEMBLED = "assembled"
+    COMMITTED = "committed"
+
+
+class ParticipantState(StrEnum):
+    REGISTERED = "registered"
+    PREPARING = "preparing"
+    SERIALIZED = "serialized"
+    FROZEN = "frozen"
+    FAILED = "failed"
+
+
+class RestoreState(StrEnum):
+    AVAILABLE = "available"
+    RETRIEVED = "retrieved"
+    FINISHED = "finished"
+
+
+class HostRestoreState(StrEnum):
+    RESTORING = "restoring"
+    RELEASED = "released"
+
+
+_H, _P = HandoverState, ParticipantState
 #: Handover states in which a handover is running (participants take part).
-RUNNING_STATES = frozenset({"preparing", "freezing", "frozen", "assembled"})
+RUNNING_STATES = frozenset({_H.PREPARING, _H.FREEZING, _H.FROZEN, _H.ASSEMBLED})
+#: Running states in which participants still serialize or freeze.
+BEGUN_STATES = frozenset({_H.PREPARING, _H.FREEZING})
+#: Handover states of the blackout (freeze signal to commit).
+BLACKOUT_STATES = RUNNING_STATES - {_H.PREPARING}
+#: Handover states in which every participant of the handover has frozen.
+PAST_FREEZE_STATES = frozenset({_H.FROZEN, _H.ASSEMBLED, _H.COMMITTED})
+#: Handover states that end a handover without a payload.
+ENDED_STATES = frozenset(HandoverState) - RUNNING_STATES - {_H.COMMITTED}
+#: A participant's own states while it takes part in a handover.
+TAKING_PART_STATES = frozenset({_P.PREPARING, _P.SERIALIZED, _P.FROZEN})
 
 
 class Topics:
@@ -330,7 +374,10 @@ def newer(
     return last is None or status.epoch != last[0] or status.seq > last[1]
 
 
-def decode(model: type[Request], body: bytes) -> Request:
+RequestT = TypeVar("RequestT", bound=Request)
+
+
+def decode(model: type[RequestT], body: bytes) -> RequestT:
     """Parse a request body; an empty body is an empty request."""
     if len(body) > MAX_JSON_BODY:
         raise ProtocolError(f"request body of {len(body)} bytes exceeds {MAX_JSON_BODY}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from khod.handover import Outgoing
 from khod.store import Store
 from khod_wire.errors import StoreError
 from khod_wire.fragment import start_storage
+from khod_wire.protocol import JSON, ParticipantOp, Topics
 from tests.fakes import Recorder
 
 
@@ -70,16 +73,31 @@ def test_resume_aborts_a_handover_whose_deadline_passed_meanwhile(tmp_path: Path
 def test_a_store_failure_inside_the_daemon_is_a_clear_exit_1(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    async def failing_serve(settings: Settings, *, restore: Path | None = None) -> int:
+    """A request whose batch cannot be written stops the worker, and main says why."""
+    pub = Recorder()
+    topics = Topics("h")
+
+    def broken() -> Iterator[None]:
+        raise StoreError("khod.db: disk I/O error")
+
+    async def serve_until_the_disk_fails(settings: Settings, *, restore: Path | None = None) -> int:
+        # service.serve without the broker: the same worker in a TaskGroup.
+        store = Store(settings.state_dir)
+        d = Daemon(settings, store, pub)
+        monkeypatch.setattr(store, "transaction", broken)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(_raise(StoreError("khod.db: disk I/O error")))
+            tg.create_task(d.run())
+            body = json.dumps({"compatible": "test,vm-v1", "instance": 1}).encode()
+            request = topics.request("vm", ParticipantOp.REGISTER)
+            await d.handle(request, body, (JSON, topics.reply("vm"), b"c1"))
         return 0
 
-    monkeypatch.setattr(service, "serve", failing_serve)
+    monkeypatch.setattr(service, "serve", serve_until_the_disk_fails)
     monkeypatch.setenv("KHOD_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("KHOD_HOST_ID", "h")
     assert service.main(None) == 1
     assert "khod: khod.db: disk I/O error" in capsys.readouterr().err
-
-
-async def _raise(exc: BaseException) -> None:
-    raise exc
+    # Said before stopping (a clean disconnect fires no will); never acknowledged.
+    sent = {topic: payload for topic, payload, _ in pub.sent}
+    assert json.loads(sent[topics.daemon])["state"] == "offline"
+    assert topics.reply("vm") not in sent

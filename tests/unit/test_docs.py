@@ -34,8 +34,10 @@ from pydantic import BaseModel
 import khod
 import khod_wire
 from khod.config import Settings
-from khod.daemon import REPLIES_KEPT, SEQ_RESTART_GAP, Daemon
+from khod.daemon import Daemon
+from khod.host import SEQ_RESTART_GAP
 from khod.payload import PayloadImage
+from khod.persist import REPLIES_KEPT
 from khod.replies import ENTRY_OVERHEAD, ReplyCache
 from khod.service import TICK
 from khod.store import Store

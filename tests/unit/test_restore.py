@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from khod.handover import Changes
+from khod.changes import Changes
 from khod.lifecycle import HostRestoreState, RestoreState
 from khod.restore import Claim, Incoming
 from khod_wire.errors import (

@@ -137,15 +137,6 @@ def test_abort_cancels_once_with_the_reason_then_a_new_handover_begins() -> None
     assert kinds(taking_part(t, hid="h2")) == ["Began"] and t.current == "h2"
 
 
-def test_aborting_state_is_a_cancel_too() -> None:
-    t = Tracker(ME)
-    taking_part(t, "freezing")
-    assert t.observe(signal("aborting", abort_reason="vm-2 failed: boom")) == [
-        Cancelled("h1", "vm-2 failed: boom")
-    ]
-    assert t.observe(signal("idle", abort_reason="vm-2 failed: boom")) == []
-
-
 def test_an_abort_without_reason_still_cancels() -> None:
     t = Tracker(ME)
     taking_part(t)
@@ -236,9 +227,7 @@ def test_freeze_reached_after_the_freeze_even_if_may_freeze_was_missed() -> None
 
 
 _ids = st.sampled_from(["h1", "h2", "h3"])
-_states = st.sampled_from(
-    ["idle", "preparing", "freezing", "frozen", "assembled", "committed", "aborting"]
-)
+_states = st.sampled_from(["idle", "preparing", "freezing", "frozen", "assembled", "committed"])
 _mine = st.sampled_from(["registered", "preparing", "serialized", "frozen"])
 _steps = st.one_of(
     st.builds(lambda hid, state: ("signal", hid, state, None), _ids, _states),

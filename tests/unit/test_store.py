@@ -173,7 +173,7 @@ def test_transitions_ordered_filtered_limited(store: Store) -> None:
     store.record_transition("handover", "begin", "idle", "preparing")
     store.record_transition("vmm", "register", None, "registered", at=100.0, detail="hi")
     store.record_transition("handover", "freeze", "preparing", "freezing")
-    store.record_transition("handover", "abort", "freezing", "aborting", detail="deadline")
+    store.record_transition("handover", "abort", "freezing", "idle", detail="deadline")
     everything = store.transitions()
     assert [t.event for t in everything] == ["begin", "register", "freeze", "abort"]
     assert [t.seq for t in everything] == sorted(t.seq for t in everything)
