@@ -160,3 +160,59 @@ def test_relative_imports_resolve_against_the_package() -> None:
         "khod_wire.urls",
     }
     assert set(imports("khod_wire", "from . import _mqtt", is_package=True)) == {"khod_wire._mqtt"}
+
+
+def cycle(modules: Mapping[str, str]) -> list[str]:
+    """One chain of modules that imports its own start back, or [] when there is none.
+
+    ``from khod import x`` names the module ``khod.x`` when there is one.
+    """
+    packages = {m for m in modules if any(o.startswith(m + ".") for o in modules)}
+    graph: dict[str, set[str]] = {}
+    for module, source in modules.items():
+        names = imports(module, source, is_package=module in packages)
+        graph[module] = {n for n in names if n in modules and n != module}
+    # from pkg import mod: ImportFrom gives "pkg"; the names it takes may be modules.
+    for module, source in modules.items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    if sub in modules and sub != module:
+                        graph[module].add(sub)
+                        graph[module].discard(node.module)
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(m: str) -> list[str]:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return [*path[path.index(n) :], n]
+            if n not in state and (found := visit(n)):
+                return found
+        path.pop()
+        state[m] = 2
+        return []
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return []
+
+
+def test_no_module_imports_itself_back() -> None:
+    # The request path goes one way: no module is reached again by what it imports.
+    assert cycle(sources()) == []
+
+
+def test_a_cycle_is_found() -> None:
+    tree = {
+        "khod.router": "from khod import ops",
+        "khod.ops": "from khod.commit import Committer",
+        "khod.commit": "import khod.router",
+        "khod.store": "",
+    }
+    assert cycle(tree) == ["khod.commit", "khod.router", "khod.ops", "khod.commit"]
+    assert cycle({**tree, "khod.commit": "from khod import store"}) == []
