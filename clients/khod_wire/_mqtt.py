@@ -25,6 +25,7 @@ import aiomqtt
 import paho.mqtt.client as mqtt
 from aiomqtt.exceptions import MqttConnectError
 from aiomqtt.types import PahoSocket
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -133,6 +134,26 @@ def message_of(m: mqtt.MQTTMessage) -> Message:
     )
 
 
+def _skip_idle_inflight_scans(paho: mqtt.Client) -> None:
+    """Make paho's search for queued publishes cost nothing when none is queued.
+
+    After every PUBACK paho walks all the publishes still waiting for theirs,
+    looking for one it queued behind ``max_inflight_messages``: with a batch
+    of N replies and states in flight that is N walks of up to N messages,
+    quadratic on the daemon's blackout path. A publish is queued only while
+    more messages are kept than are counted in flight (every publish here is
+    QoS 1, each counted until its PUBACK), so the walk is needed only then.
+    """
+    scan = paho._update_inflight
+
+    def update_inflight() -> MQTTErrorCode:
+        if len(paho._out_messages) <= paho._inflight_messages:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return scan()
+
+    paho._update_inflight = update_inflight  # type: ignore[method-assign]
+
+
 class Client(aiomqtt.Client):
     """aiomqtt's client with khod's types at its edges.
 
@@ -144,6 +165,7 @@ class Client(aiomqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, logger=PAHO_LOG, **kwargs)
         self._acks: dict[int, asyncio.Future[Reason]] = {}
+        _skip_idle_inflight_scans(self._client)
 
     @property
     def lost(self) -> asyncio.Future[None]:

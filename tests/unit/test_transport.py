@@ -132,3 +132,27 @@ def test_fast_publish_properties_pack_as_pahos_own(kw: dict[str, Any]) -> None:
     fast = properties(**kw)
     assert fast.pack() == slow.pack()
     assert properties().pack() == b"\x00"  # the template stays empty
+
+
+def test_paho_searches_for_queued_publishes_only_when_one_may_be_queued() -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+    from khod_wire._mqtt import _skip_idle_inflight_scans
+
+    paho = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    scans: list[int] = []
+
+    def scan() -> MQTTErrorCode:
+        scans.append(len(paho._out_messages))
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    paho._update_inflight = scan  # type: ignore[method-assign]
+    _skip_idle_inflight_scans(paho)
+    paho._out_messages = {1: mqtt.MQTTMessage(1), 2: mqtt.MQTTMessage(2)}
+    paho._inflight_messages = 2  # both sent, waiting for their PUBACK: nothing queued
+    assert paho._update_inflight() is MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert scans == []
+    paho._inflight_messages = 1  # one of them is queued behind the window
+    paho._update_inflight()
+    assert scans == [2]
