@@ -17,7 +17,7 @@ from khod.changes import Changes
 from khod.host import Host
 from khod.store import Store
 from khod.worker import Batch
-from khod_wire.protocol import DTB
+from khod_wire.protocol import DTB, QUIET_STATES
 
 #: Replies kept (in memory and on disk) to answer a re-sent request alike.
 REPLIES_KEPT = 4096
@@ -46,7 +46,10 @@ class Persister:
                 batch.signal = True
             elif "handover" in subjects:
                 out.handover.seq = host.next_seq()
-                batch.signal = True
+                # frozen and assembled are the daemon's own steps: nobody acts
+                # on them (progress shows them), so the broadcast to every
+                # participant waits for the outcome.
+                batch.signal |= out.handover.state not in QUIET_STATES
             record = out.handover.to_record()
             batch.writes.append(lambda s: s.save_handover(record))
         for name in changes.participants:

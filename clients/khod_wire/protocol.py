@@ -115,6 +115,9 @@ RUNNING_STATES = frozenset({_H.PREPARING, _H.FREEZING, _H.FROZEN, _H.ASSEMBLED})
 BEGUN_STATES = frozenset({_H.PREPARING, _H.FREEZING})
 #: Handover states of the blackout (freeze signal to commit).
 BLACKOUT_STATES = RUNNING_STATES - {_H.PREPARING}
+#: Outgoing states the ``handover`` broadcast does not announce: nobody has
+#: anything to do in them; ``progress`` shows them.
+QUIET_STATES = frozenset({_H.FROZEN, _H.ASSEMBLED})
 #: Handover states in which every participant of the handover has frozen.
 PAST_FREEZE_STATES = frozenset({_H.FROZEN, _H.ASSEMBLED, _H.COMMITTED})
 #: Handover states that end a handover without a payload.

@@ -82,6 +82,34 @@ def test_a_participants_own_frozen_waits_for_the_end_of_the_blackout(tmp_path: P
     asyncio.run(run())
 
 
+def test_the_broadcast_shows_what_participants_act_on_not_the_steps_between(
+    tmp_path: Path,
+) -> None:
+    # frozen and assembled would each be one more message to every
+    # participant inside the blackout; progress shows them instead.
+    async def run() -> None:
+        bus = Bus(tmp_path)
+        names = ["a", "b"]
+        for i, n in enumerate(names):
+            await bus.send(n, "register", {"compatible": f"test,{n}-v1", "instance": i})
+        start = len(bus.pub.sent)
+        await bus.send(None, "begin", {"deadline": 60})
+        await settle(bus.daemon)
+        for i, n in enumerate(names):
+            await bus.send(n, "fragment", fragment(n, i))
+        await settle(bus.daemon)
+        for n in names:
+            await bus.send(n, "frozen")
+        await settle(bus.daemon)
+        assert bus.daemon.out.handover.state == "committed"
+        signals = [json.loads(p) for t, p, _ in bus.pub.sent[start:] if t == T.handover]
+        assert [s["state"] for s in signals] == ["preparing", "freezing", "committed"]
+        assert [s["seq"] for s in signals] == sorted({s["seq"] for s in signals})
+        bus.store.close()
+
+    asyncio.run(run())
+
+
 def test_a_dependent_is_told_at_once_when_it_may_freeze(tmp_path: Path) -> None:
     async def run() -> None:
         bus = Bus(tmp_path)
