@@ -69,8 +69,45 @@ class _ExpectedDisconnects(logging.Filter):
 PAHO_LOG = logging.getLogger("khod.mqtt")
 PAHO_LOG.addFilter(_ExpectedDisconnects())
 
+
 #: An empty PUBLISH property set, copied for each message (see properties()).
-_PUBLISH_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+class _PublishProperties(Properties):
+    """The properties khod puts on a PUBLISH, packed without paho's generic walk.
+
+    paho's ``pack`` tries every property name of the packet type (string
+    replaces, ``hasattr`` and list lookups for each): ~33 us a message, on
+    every request, reply and retained state. Only these four are ever set
+    here, so they are packed directly, in paho's order (by identifier).
+    """
+
+    def pack(self) -> bytes:
+        values = self.__dict__
+        out = bytearray()
+        expiry = values.get("MessageExpiryInterval")
+        if expiry is not None:
+            out += b"\x02" + expiry.to_bytes(4, "big")
+        for ident, name in ((b"\x03", "ContentType"), (b"\x08", "ResponseTopic")):
+            text = values.get(name)
+            if text is not None:
+                raw = text.encode("utf-8")
+                out += ident + len(raw).to_bytes(2, "big") + raw
+        correlation = values.get("CorrelationData")
+        if correlation is not None:
+            out += b"\x09" + len(correlation).to_bytes(2, "big") + correlation
+        return _varint(len(out)) + bytes(out)
+
+
+def _varint(n: int) -> bytes:
+    """MQTT's variable byte integer."""
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_PUBLISH_PROPERTIES = _PublishProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
 
 
 def properties(
@@ -165,6 +202,8 @@ class Client(aiomqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, logger=PAHO_LOG, **kwargs)
         self._acks: dict[int, asyncio.Future[Reason]] = {}
+        #: a write of what paho queued is scheduled for the next turn of the loop
+        self._write_soon = False
         _skip_idle_inflight_scans(self._client)
 
     @property
@@ -282,7 +321,34 @@ class Client(aiomqtt.Client):
     def _on_socket_register_write(
         self, client: mqtt.Client, userdata: Any, sock: PahoSocket
     ) -> None:
-        self._watch_later(client, sock, self._loop.add_writer, client.loop_write)
+        # paho asks for this after every packet it queues. Watching the socket
+        # for each one costs a wake-up of the loop and two epoll changes per
+        # publish; instead, write at the next turn of the loop everything
+        # queued until then (a batch of replies is one write), and watch the
+        # socket only when the kernel did not take it all.
+        if self._write_soon:
+            return
+        self._write_soon = True
+        fd = sock.fileno()
+
+        def write() -> None:
+            try:
+                if fd < 0 or sock.fileno() != fd or client.socket() is not sock:
+                    return
+                self._step(client.loop_write)
+            finally:
+                self._write_soon = False
+            if client.want_write() and client.socket() is sock:
+                self._loop.add_writer(fd, self._step, client.loop_write)
+
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:  # paho connects in an executor thread
+            on_loop = False
+        if on_loop:
+            self._loop.call_soon(write)
+        else:
+            self._loop.call_soon_threadsafe(write)
 
     def _on_socket_unregister_write(
         self, client: mqtt.Client, userdata: Any, sock: PahoSocket
@@ -290,6 +356,13 @@ class Client(aiomqtt.Client):
         fd = sock.fileno()
         if fd >= 0:
             self._loop.remove_writer(fd)
+
+    def _step(self, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception as exc:  # as aiomqtt: a broken connection
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
 
     def _watch_later(
         self,
@@ -302,11 +375,7 @@ class Client(aiomqtt.Client):
         fd = sock.fileno()
 
         def ready() -> None:
-            try:
-                step()
-            except Exception as exc:  # as aiomqtt: a broken connection
-                if not self._disconnected.done():
-                    self._disconnected.set_exception(exc)
+            self._step(step)
 
         def register() -> None:
             if fd >= 0 and sock.fileno() == fd and client.socket() is sock:

@@ -112,6 +112,12 @@ async def test_a_refused_subscription_is_raised_at_once_not_waited_out() -> None
             "expiry": 29.2,
         },
         {"correlation": b"", "expiry": 0.1},
+        # a property block over 127 bytes (two-byte length) and UTF-8 text
+        {
+            "response_topic": "khod/v1/h\u00e9/p/" + "n" * 150 + "/reply",
+            "correlation": b"\xff" * 128,
+        },
+        {"content_type": "application/json", "expiry": 2**32 - 1},
     ],
 )
 def test_fast_publish_properties_pack_as_pahos_own(kw: dict[str, Any]) -> None:
