@@ -92,3 +92,25 @@ def test_bench_quick(tmp_path: Path) -> None:
     for t in res["targets"]:
         assert positive(t["value"]), t
         assert t["pass"] in (True, False)
+
+
+def test_bench_publish_runs_and_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "publish.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_publish.py"),
+            *("--count", "500", "--rounds", "1", "--json", str(out)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "khod seq" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["machine"]["cpus"]
+    for transport in ("tcp", "unix"):
+        for kind in ("khod seq", "bare seq", "khod batch", "bare batch"):
+            assert positive(res[transport][kind]), (transport, kind)
