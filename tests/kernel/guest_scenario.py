@@ -27,6 +27,7 @@ reads the files.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -126,6 +127,16 @@ class Khod:
             )
 
     def text(self) -> str:
+        # The log lives on the host over 9p; a read racing khod's own append
+        # has failed with ENODATA (seen once in CI, after the second kexec).
+        # The next read sees the file whole, so a failed read is retried.
+        for _ in range(25):
+            try:
+                return self.log.read_text(errors="replace")
+            except OSError as e:
+                if e.errno not in (errno.ENODATA, errno.EAGAIN, errno.EIO):
+                    raise
+                time.sleep(0.2)
         return self.log.read_text(errors="replace")
 
     def wait_log(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
