@@ -223,6 +223,37 @@ def proc_status(pid: int) -> dict[str, int]:
 # -- worker process: many clients in one asyncio loop, driven by JSON lines ----
 
 
+class CpuMeter:
+    """CPU seconds (user + system) used so far by each role: where a window's work went.
+
+    Read from /proc/<pid>/stat at both ends of a window (the monitor reads it
+    the moment it sees a state), so a role's figure is the CPU it spent in
+    that window, whatever the others were doing.
+    """
+
+    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self) -> None:
+        self.roles: dict[str, list[int]] = {}
+
+    def snapshot(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for role, pids in self.roles.items():
+            total = 0
+            for pid in pids:
+                try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+            out[role] = total / self.TICK
+        return out
+
+    @staticmethod
+    def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
+
+
 class WorkerState:
     def __init__(self) -> None:
         self.parts: list[Participant] = []
@@ -514,6 +545,8 @@ class HostSeen:
     first: dict[str, float] = field(default_factory=dict)
     payload: dict[str, Any] | None = None
     ids: set[str] = field(default_factory=set)
+    #: CPU seconds per role, read when each state was first seen
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 #: Handover states after the freeze signal: the first one seen starts the
@@ -524,8 +557,9 @@ AFTER_FREEZE = ("freezing", "frozen", "assembled", "committed")
 class Monitor:
     """A plain client on the Unix socket that timestamps every daemon and handover status."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, meter: CpuMeter) -> None:
         self.url = url
+        self.meter = meter
         self.hosts: dict[str, HostSeen] = {}
         self._stack = contextlib.AsyncExitStack()
 
@@ -564,7 +598,9 @@ class Monitor:
             elif kind == "handover" and isinstance(state, str):
                 if isinstance(data.get("id"), str):
                     seen.ids.add(data["id"])
-                seen.first.setdefault(state, t)
+                if state not in seen.first:
+                    seen.first[state] = t
+                    seen.cpu[state] = self.meter.snapshot()
                 if state == "committed":
                     p = data.get("payload")
                     seen.payload = p if isinstance(p, dict) else {}
@@ -678,6 +714,8 @@ class Bench:
         t0 = now()
         await daemon.start(self.monitor)
         phases["daemon_start_s"] = now() - t0
+        meter = self.monitor.meter
+        meter.roles["daemon"] = [daemon.proc.pid] if daemon.proc else []
         try:
             t0 = now()
             await call_all(
@@ -734,12 +772,15 @@ class Bench:
             t0 = now()
             await daemon.stop()
             phases["daemon_stop_s"] = now() - t0
+            meter.roles.pop("daemon", None)
         t_commit = seen.first["committed"]
         t_freeze = next((seen.first[s] for s in AFTER_FREEZE if s in seen.first), None)
         external = None
         if t_freeze is not None and t_freeze < t_commit:
             external = t_commit - t_freeze
         reported = (seen.payload or {}).get("blackout_s")
+        start = next((s for s in AFTER_FREEZE if s in seen.cpu), None)
+        cpu = CpuMeter.spent(seen.cpu[start], seen.cpu["committed"]) if start else None
         return {
             "host": host,
             "blackout_daemon_s": float(reported) if isinstance(reported, int | float) else None,
@@ -749,13 +790,16 @@ class Bench:
             "register_s": t_begin - t_reg,
             "daemon_vmhwm_kib": rss.get("VmHWM"),
             "frozen_not_returned": lagging,
+            "cpu_s": cpu,
             "phases": phases,
         }
 
     # -- the floor -------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def floor(self, n: int) -> AsyncIterator[Callable[[int], Awaitable[float]]]:
+    async def floor(
+        self, n: int
+    ) -> AsyncIterator[Callable[[int], Awaitable[tuple[float, dict[str, float]]]]]:
         tag = uuid.uuid4().hex[:6]
         go, ack = f"bench/floor/{tag}/go", f"bench/floor/{tag}/ack"
         shares = self.layout(n)
@@ -772,9 +816,10 @@ class Bench:
                 if acks[token] == n and token in complete:
                     complete[token].set()
 
-        async def one_round(r: int) -> float:
+        async def one_round(r: int) -> tuple[float, dict[str, float]]:
             token = f"{tag}.{r}".encode()
             complete[token] = asyncio.Event()
+            cpu0 = self.monitor.meter.snapshot()
             t0 = now()
             await coord.publish(go, token, qos=1, retain=True)
             await asyncio.wait_for(complete[token].wait(), self.args.round_timeout)
@@ -783,8 +828,9 @@ class Bench:
                 f.flush()
                 os.fsync(f.fileno())
             elapsed = now() - t0
+            cpu = CpuMeter.spent(cpu0, self.monitor.meter.snapshot())
             await coord.publish(go, b"", qos=1, retain=True)  # clear the retained broadcast
-            return elapsed
+            return elapsed, cpu
 
         async with coord:
             set_nodelay(coord)
@@ -817,6 +863,7 @@ class Bench:
         errors: dict[int, str] = {}
         truncated: set[int] = set()
         floor: list[float] = []
+        floor_cpu: list[dict[str, float]] = []
         async with self.floor(n) as floor_round:
             for r in range(self.args.rounds):
                 for s in sizes:
@@ -850,13 +897,15 @@ class Bench:
                             f"  N={n}: a round took {elapsed:.0f} s > --slow-round "
                             f"{self.args.slow_round:g} s: no more khod rounds at this N"
                         )
-                f = await floor_round(r)
+                f, f_cpu = await floor_round(r)
                 floor.append(f)
+                floor_cpu.append(f_cpu)
                 self.log(f"  N={n} floor round {r}: {ms(f)}")
         out: dict[str, Any] = {
             "n": n,
             "workers": len(self.layout(n)),
             "floor_s": summary(floor),
+            "floor_cpu_s": cpu_p50(floor_cpu),
             "fragments": {},
         }
         for s in sizes:
@@ -877,6 +926,7 @@ class Bench:
                 "register_commit_s": summary(col("register_commit_s")),
                 "register_s": summary(col("register_s")),
                 "daemon_vmhwm_kib": max(col("daemon_vmhwm_kib"), default=None),
+                "cpu_s": cpu_p50([x["cpu_s"] for x in rs if x.get("cpu_s")]),
             }
         return out
 
@@ -1028,6 +1078,12 @@ async def timed(call: Callable[[], Awaitable[bytes]], count: int) -> tuple[dict[
 # -- the report ----------------------------------------------------------------------
 
 
+def cpu_p50(samples: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Each role's median CPU seconds in the window."""
+    roles = sorted({k for s in samples for k in s})
+    return {k: round(percentile([s.get(k, 0.0) for s in samples], 50), 4) for k in roles}
+
+
 def ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.1f} ms"
 
@@ -1162,6 +1218,18 @@ def table(res: dict[str, Any]) -> str:
                 )
                 + (f"  ERROR {f['error'][:100]}" if f["error"] else "")
             )
+    lines += ["", "CPU inside the window, p50 ('bench': the floor's coordinator, the monitor)"]
+    roles = ("daemon", "broker", "participants", "bench")
+    lines.append(f"{'N':>6} {'frag':>6} {'run':>6} " + " ".join(f"{r:>13}" for r in roles))
+    for b in res["blackout"]:
+        runs = [("floor", b.get("floor_cpu_s") or {}, "")]
+        runs += [
+            ("khod", f.get("cpu_s") or {}, str(f["fragment_bytes"]))
+            for f in b["fragments"].values()
+        ]
+        for run, cpu, frag in runs:
+            cells = [ms(cpu[r]) if r in cpu else "-" for r in roles]
+            lines.append(f"{b['n']:>6} {frag:>6} {run:>6} " + " ".join(f"{c:>13}" for c in cells))
     lines += ["", "request latency (sequential, p50 / p99)"]
     lines.append(f"{'':<10} {'echo':>19} {'khod status':>19} {'khod fragment':>19}")
     for t in ("unix", "tcp"):
@@ -1229,9 +1297,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="khod-bench-", dir=args.workdir) as tmp:
         workdir = Path(tmp)
         with PrivateBroker(workdir / "broker", unix_and_tcp=True) as broker:
-            monitor = Monitor(broker.unix_url)
+            meter = CpuMeter()
+            monitor = Monitor(broker.unix_url, meter)
             await monitor.start()
             workers = [await Worker.start(workdir / f"worker{k}.log") for k in range(args.workers)]
+            meter.roles["broker"] = [broker.proc.pid] if broker.proc else []
+            meter.roles["participants"] = [w.proc.pid for w in workers]
+            meter.roles["bench"] = [os.getpid()]
             bench = Bench(args, broker, workdir, monitor, workers, log)
             try:
                 if args.requests:

@@ -153,10 +153,24 @@ class MonitorState:
     def counts(self) -> dict[str, int]:
         c = dict.fromkeys(self.states, 0)
         for n in self.members():
-            p = self.participants.get(n)
-            if p is not None:
-                c[p.state] = c.get(p.state, 0) + 1
+            state = self.state_of(n)
+            if state:
+                c[state] = c.get(state, 0) + 1
         return c
+
+    def state_of(self, name: str) -> str:
+        """What ``name`` is in now; "" if nothing was seen of it.
+
+        A committed handover holds every member frozen: the daemon publishes
+        their own states just after the outcome, so they may still show the
+        step before.
+        """
+        h = self.handover
+        committed = h is not None and h.side == "outgoing" and h.state == "committed"
+        if committed and h is not None and name in h.expected:
+            return "frozen"
+        p = self.participants.get(name)
+        return "" if p is None else p.state
 
     def outstanding(self) -> list[str]:
         """Who the handover is waiting for in its current state."""

@@ -1,7 +1,8 @@
 """What a durable batch announces, and in which order.
 
-In order: the daemon, the signal, the states, then the replies that caused
-them; sent together, acknowledged together. Inside the blackout (freeze
+In order: the daemon, the signal, the states (those held through a blackout
+first), then the replies that caused them; sent together, acknowledged
+together. Inside the blackout (freeze
 signal to commit) a participant's own new state is held back until the
 commit or the abort: see ``BatchPublisher.send``.
 """
@@ -44,12 +45,14 @@ class BatchPublisher:
         else:
             released = [n for n in sorted(self._held_states) if n not in batch.participants]
             self._held_states.clear()
-        # The states held through a commit go before it: whoever sees
-        # "committed" sees every participant frozen.
-        for name in released:
-            sends.append(a.state_of(name, host.participant_status(name)))
         if batch.signal:
             sends.append(a.signal_of(host.handover_signal()))
+        # The states held through the blackout follow its outcome: the
+        # commit is not kept waiting for a message to every participant
+        # (a committed handover holds every member frozen, whatever a
+        # state topic still shows).
+        for name in released:
+            sends.append(a.state_of(name, host.participant_status(name)))
         for name in names:
             sends.append(a.state_of(name, host.participant_status(name)))
         for topic, body, ctype, correlation, _ in batch.replies:

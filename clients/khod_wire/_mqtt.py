@@ -230,10 +230,10 @@ class Client(aiomqtt.Client):
         except asyncio.QueueFull:
             self._logger.warning("Message queue is full. Discarding message.")
 
-    async def subscribe_qos1(
-        self, topic: str, *, no_local: bool, retain_as_published: bool
+    async def subscribe_at(
+        self, topic: str, qos: int, *, no_local: bool, retain_as_published: bool
     ) -> list[Reason]:
-        options = SubscribeOptions(qos=1, noLocal=no_local, retainAsPublished=retain_as_published)
+        options = SubscribeOptions(qos=qos, noLocal=no_local, retainAsPublished=retain_as_published)
         granted = await self.subscribe(topic, options=options)
         return [reason(code) for code in granted]
 

@@ -89,7 +89,12 @@ class Connection:
       session_expiry: keep the session (subscriptions and queued QoS 1
         messages) this many seconds after a disconnect, so that requests and
         wills sent while this client restarts wait for it at the broker.
-        Needs a stable ``identifier``.
+        Needs a stable ``identifier``. It also sets the QoS of every
+        subscription: 1 with a kept session (what arrives while away waits
+        for this client), 0 without. A clean session loses what was in
+        flight at a disconnect either way (and reads the retained states
+        again), so QoS 1 delivery would only cost a PUBACK per message:
+        inside the blackout, one per participant per message.
 
     Refusals by the broker are reported, not retried into a timeout: a
     refused login (wrong user or password, a client id not allowed) or a
@@ -125,6 +130,7 @@ class Connection:
         self.retain_as_published = retain_as_published
         self.max_inbound_bytes = max_inbound_bytes
         self.session_expiry = session_expiry
+        self.subscribe_qos = 1 if session_expiry else 0
         self.connects = 0
         self.refusal: BrokerRefused | None = None
         self._client: _mqtt.Client | None = None
@@ -169,8 +175,9 @@ class Connection:
                     if self.reply_topic:
                         topics.append(self.reply_topic)
                     for topic in topics:
-                        granted = await client.subscribe_qos1(
+                        granted = await client.subscribe_at(
                             topic,
+                            self.subscribe_qos,
                             no_local=self.no_local,
                             retain_as_published=self.retain_as_published,
                         )

@@ -75,8 +75,12 @@ def test_a_participants_own_frozen_waits_for_the_end_of_the_blackout(tmp_path: P
         await bus.send("c", "frozen")
         await settle(bus.daemon)
         assert bus.daemon.out.handover.state == "committed"
-        # Once committed, every held state is published, each once.
+        # Once committed, every held state is published, each once, and
+        # after the outcome: the commit does not wait for N messages.
         assert sorted(bus.states(start)) == [("a", "frozen"), ("b", "frozen"), ("c", "frozen")]
+        topics = [t for t, _, _ in bus.pub.sent[start:]]
+        first_state = min(i for i, t in enumerate(topics) if t.endswith("/state"))
+        assert topics.index(T.handover) < first_state
         bus.store.close()
 
     asyncio.run(run())

@@ -147,6 +147,23 @@ def test_committed_is_done_with_the_blackout_figure(mon: MonitorState, clock: Cl
     assert "/var/lib/khod/payload.kho" in out
 
 
+def test_a_commit_counts_every_member_frozen_before_their_own_states_arrive(
+    mon: MonitorState,
+) -> None:
+    # The daemon publishes members' own states just after the outcome.
+    feed(mon, ("a", "serialized"), ("b", "frozen"), ("x", "registered"))
+    mon.ingest(T.handover, handover("freezing", expected=["a", "b"], freeze_at=NOW))
+    assert mon.counts()["frozen"] == 1
+    mon.ingest(T.progress, handover("committed", expected=["a", "b"], freeze_at=NOW, seq=9))
+    assert mon.counts() == {**mon.counts(), "frozen": 2, "serialized": 0}
+    assert "frozen 2/2" in mon.summary()
+    # Not a member: what its own topic says.
+    assert mon.state_of("x") == "registered"
+    # An aborted one is not committed: the topics are the truth.
+    mon.ingest(T.progress, handover("idle", abort_reason="no", seq=10))
+    assert mon.state_of("a") == "serialized"
+
+
 def test_late_monitor_sees_a_commit() -> None:
     m = MonitorState(HOST)
     m.ingest(T.progress, handover("committed", freeze_at=NOW, committed_at=NOW + 1))

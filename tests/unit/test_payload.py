@@ -170,6 +170,42 @@ def test_restore_order_travels_in_the_image() -> None:
     assert 'restore-after = "vm-0", "vm-1";' in dts.to_dts(root_of(image))
 
 
+def libfdt_root(handover_id: str, es: list[PayloadEntry], offsets: list[int]) -> bytes:
+    """The root as libfdt's sequential writer writes it: the reference for khod's own."""
+    w = fdt.FdtWriter()
+    w.begin_node("")
+    w.property("compatible", b"khod-v1\0")
+    w.property("handover-id", handover_id.encode() + b"\0")
+    for e, off in zip(es, offsets, strict=True):
+        w.begin_node(e.name)
+        w.property("compatible", (identity.KHO_COMPATIBLE_PREFIX + e.compatible).encode() + b"\0")
+        w.property("instance", identity.encode_instance(e.instance))
+        w.property("preserved-data", fdt.native_u64(off))
+        w.property("blob-size", fdt.native_u64(len(e.blob)))
+        w.property("sha256", e.sha256)
+        if e.restore_after:
+            w.property("restore-after", b"".join(n.encode() + b"\0" for n in e.restore_after))
+        w.end_node()
+    return w.finish()
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])
+@pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize("base", [0, 0x1_0000_0000])
+def test_the_root_is_byte_for_byte_what_libfdt_writes(n: int, ordered: bool, base: int) -> None:
+    # khod writes the root itself (it is built inside the blackout); libfdt's
+    # sequential writer is the reference, strings block and padding included.
+    es = entries(n)
+    if ordered and n > 1:
+        es[n // 2] = dataclasses.replace(es[n // 2], restore_after=("vm-0",))
+        es[-1] = dataclasses.replace(es[-1], restore_after=("vm-0", f"vm-{n // 2}"))
+    es = [dataclasses.replace(e, name=e.name + "x" * i) for i, e in enumerate(es)]  # every padding
+    done = layout(HID, es, base=base)
+    root = done.image[: done.root_size]
+    assert root == libfdt_root(HID, es, [base + off for off in done.offsets])
+    assert libfdt.fdt_check_full(bytearray(root), len(root)) == 0
+
+
 @pytest.mark.parametrize("bad", ["vm-0", ("",), ("a\0b",), ("é",)])
 def test_assemble_refuses_bad_restore_order(bad: Any) -> None:
     e = entry("a", "x,y", 1)

@@ -360,6 +360,20 @@ def test_bad_record_inside_transaction_rolls_back_everything(state_dir: Path) ->
         assert s.load_participants() == {}
 
 
+def test_a_write_sqlite_refuses_inside_a_transaction_undoes_only_itself(
+    state_dir: Path,
+) -> None:
+    # Writes inside a transaction run without a savepoint each: SQLite
+    # itself undoes the failed statement, the others stay.
+    with Store(state_dir) as s, Store(state_dir) as observer:
+        with s.transaction():
+            s.record_transition("a", "register", None, "registered")
+            with pytest.raises(StoreError, match="cannot record a transition of 'b'"):
+                s.record_transition("b", "register", None, None)  # type: ignore[arg-type]
+            s.record_transition("c", "register", None, "registered")
+        assert [t.subject for t in observer.transitions()] == ["a", "c"]
+
+
 def test_nested_transaction_is_a_savepoint(state_dir: Path) -> None:
     with Store(state_dir) as s, Store(state_dir) as observer:
         with s.transaction():
