@@ -10,6 +10,8 @@ import socket
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -162,3 +164,111 @@ def test_paho_searches_for_queued_publishes_only_when_one_may_be_queued() -> Non
     paho._inflight_messages = 1  # one of them is queued behind the window
     paho._update_inflight()
     assert scans == [2]
+
+
+# -- the PUBLISH reader: what paho reads, without paho's objects ----------------------
+
+
+def _publish_packet(
+    topic: str, payload: bytes, qos: int, mid: int, props: Any, retain: bool
+) -> tuple[int, bytes]:
+    """A PUBLISH as the broker sends it: the fixed header's first byte, and the rest."""
+    t = topic.encode()
+    body = len(t).to_bytes(2, "big") + t
+    if qos:
+        body += mid.to_bytes(2, "big")
+    return 0x30 | qos << 1 | int(retain), body + props.pack() + payload
+
+
+_texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    topic=_texts.filter(bool),
+    payload=st.binary(max_size=300),
+    qos=st.sampled_from([0, 1]),
+    mid=st.integers(1, 65535),
+    retain=st.booleans(),
+    content_type=st.none() | _texts,
+    response_topic=st.none() | _texts,
+    correlation=st.none() | st.binary(max_size=200),
+    expiry=st.none() | st.integers(0, 2**32 - 1),
+    fmt=st.none() | st.integers(0, 1),
+    user=st.lists(st.tuples(_texts, _texts), max_size=3),
+    sub_ids=st.lists(st.integers(1, 2**28 - 1), max_size=2),
+)
+def test_the_publish_reader_reads_what_paho_reads(
+    topic: str,
+    payload: bytes,
+    qos: int,
+    mid: int,
+    retain: bool,
+    content_type: str | None,
+    response_topic: str | None,
+    correlation: bytes | None,
+    expiry: int | None,
+    fmt: int | None,
+    user: list[tuple[str, str]],
+    sub_ids: list[int],
+) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt import _packet
+    from paho.mqtt.properties import Properties
+
+    from khod_wire._mqtt import _Unread, message_of, read_publish
+
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    for name, value in [
+        ("ContentType", content_type),
+        ("ResponseTopic", response_topic),
+        ("CorrelationData", correlation),
+        ("MessageExpiryInterval", expiry),
+        ("PayloadFormatIndicator", fmt),
+    ]:
+        if value is not None:
+            setattr(props, name, value)
+    if user:
+        props.UserProperty = user
+    if sub_ids:
+        props.SubscriptionIdentifier = sub_ids
+    command, packet = _publish_packet(topic, payload, qos, mid, props, retain)
+    try:
+        slow = _packet.decode_publish(command, bytearray(packet), mqtt.MQTTv5)
+    except _packet.MalformedPacket:
+        with pytest.raises(_Unread):  # paho refuses it: so be it, paho reads it
+            read_publish(command, bytearray(packet))
+        return
+    m = mqtt.MQTTMessage(slow.mid, slow.topic)
+    m.retain, m.properties, m.payload = slow.retain, slow.properties, slow.payload
+    fast, fast_qos, fast_mid = read_publish(command, bytearray(packet))
+    assert (fast_qos, fast_mid) == (slow.qos, slow.mid)
+    want = message_of(m)
+    assert [getattr(fast, f) for f in want.__slots__] == [getattr(want, f) for f in want.__slots__]
+    assert type(fast.payload) is bytes
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        b"",  # nothing at all
+        b"\x00\x05ab",  # a topic longer than the packet
+        b"\x00\x01a\x05\x03\x00",  # properties longer than the packet
+        b"\x00\x01a\x02\x2a\x00",  # a property a PUBLISH cannot carry (0x2a)
+        b"\x00\x01a\x03\x03\x00\x09",  # a string that runs past its property block
+        b"\x00\x01\xff\x00",  # a topic that is not UTF-8
+        b"\x00\x01a\x05\x0b\xff\xff\xff\xff",  # a varint of 5 bytes
+    ],
+)
+def test_what_the_publish_reader_does_not_expect_is_left_to_paho(packet: bytes) -> None:
+    from khod_wire._mqtt import _Unread, read_publish
+
+    with pytest.raises(_Unread):
+        read_publish(0x30, packet)
+
+
+async def test_khod_clients_read_publishes_directly() -> None:
+    import paho.mqtt.client as mqtt
+
+    c = Client("127.0.0.1", 1, protocol=mqtt.MQTTv5)
+    assert c._client._handle_publish.__name__ == "handle_publish"  # not paho's method
