@@ -2,8 +2,8 @@
 
 The commit runs in a task of its own, not in the worker, so that a slow
 ``exec`` command never stops requests (an abort, say) from being served, nor
-the watchdog from being fed. It re-enters the worker only to record what it
-did (assembled, committed, or the abort), each time checking that the
+the watchdog from being fed. It re-enters the worker once, to record what it
+did (assembled and committed together, or the abort), checking that the
 handover is still the one it started for. ``withdraw`` is the way back once
 committed: the operator's ``abort`` takes the payload back.
 """
@@ -77,17 +77,6 @@ class Committer:
     async def _assemble_and_commit(self, handover_id: str | None) -> None:
         host = self.host
         h = host.out.handover
-
-        def assembled(batch: Batch) -> None:
-            if h.state is HandoverState.FROZEN and h.id == handover_id:
-                written = len(batch.writes)
-                self.persist.stage(batch, host.out.assembled())
-                # Announced now, written with the commit (or the abort): a
-                # daemon killed meanwhile resumes from frozen, which assembles
-                # again; one fsync less inside the blackout.
-                self.persist.carry(batch, written)
-
-        await self.worker.call(assembled)
         try:
             image, manifest = assembly.build(
                 host.out, host.fragments, base=self.settings.payload_base
@@ -106,12 +95,20 @@ class Committer:
             return
 
         def committed(batch: Batch) -> None:
-            if h.state is not HandoverState.ASSEMBLED or h.id != handover_id:
+            if (
+                h.state not in (HandoverState.FROZEN, HandoverState.ASSEMBLED)
+                or h.id != handover_id
+            ):
                 # Aborted while the image was being written: it must not stay.
                 backend.withdraw(self.settings.payload_path)
                 return
             info["blackout_s"] = round(host.now() - (h.freeze_at or host.now()), 6)
             batch.writes.append(lambda s: s.set_meta("boot_id", boot_id()))
+            # Assembled and committed are recorded together, in one durable
+            # step: one batch less inside the blackout. A daemon killed
+            # before it resumes from frozen, which assembles again.
+            if h.state is HandoverState.FROZEN:
+                self.persist.stage(batch, host.out.assembled())
             self.persist.stage(batch, host.out.committed(info, now=host.now()))
             log.info("handover %s committed: %s", h.id, info)
 

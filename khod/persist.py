@@ -11,7 +11,6 @@ answered alike.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from khod.changes import Changes
 from khod.host import Host
@@ -27,8 +26,6 @@ class Persister:
     def __init__(self, host: Host, store: Store) -> None:
         self.host = host
         self.store = store
-        #: writes of a state announced before it is made durable (see carry)
-        self._carried: list[Callable[[Store], None]] = []
 
     def stage(self, batch: Batch, changes: Changes) -> None:
         """Record what ``changes`` changed in ``batch`` (stamped, to write, to announce)."""
@@ -80,16 +77,6 @@ class Persister:
             batch.writes.append(lambda s: s.save_restore(record))
         batch.commit |= changes.assemble
 
-    def carry(self, batch: Batch, since: int) -> None:
-        """Write the batch's writes from ``since`` on with the next batch that writes.
-
-        For a state announced now and made durable with the next one (the
-        commit, or the abort): a daemon killed meanwhile resumes from the
-        state before, which is safe.
-        """
-        self._carried += batch.writes[since:]
-        del batch.writes[since:]
-
     async def write(self, batch: Batch) -> None:
         """Make the batch durable: one transaction, off the event loop (StoreError if not)."""
         for _, body, ctype, _, key in batch.replies:
@@ -101,7 +88,7 @@ class Persister:
         if not batch.writes:
             return
         seq = str(self.host.seq)
-        writes, self._carried = self._carried + batch.writes, []
+        writes = batch.writes
         replies = any(key is not None for *_, key in batch.replies)
         store = self.store
 

@@ -1,13 +1,15 @@
 """What a durable batch announces, and in which order.
 
-In order: the daemon, the signal, the states (those held through a blackout
-first), then the replies that caused them; sent together, acknowledged
-together. Inside the blackout (freeze
+In order: the daemon, the signal, the states, then the replies that caused
+them; sent together, acknowledged together. The states held through a
+blackout come last, once the outcome is on its way. Inside the blackout (freeze
 signal to commit) a participant's own new state is held back until the
 commit or the abort: see ``BatchPublisher.send``.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from khod.announce import Announcer
 from khod.host import Host
@@ -47,15 +49,18 @@ class BatchPublisher:
             self._held_states.clear()
         if batch.signal:
             sends.append(a.signal_of(host.handover_signal()))
-        # The states held through the blackout follow its outcome: the
-        # commit is not kept waiting for a message to every participant
-        # (a committed handover holds every member frozen, whatever a
-        # state topic still shows).
-        for name in released:
-            sends.append(a.state_of(name, host.participant_status(name)))
         for name in names:
             sends.append(a.state_of(name, host.participant_status(name)))
         for topic, body, ctype, correlation, _ in batch.replies:
             sends.append(a.reply_of(topic, body, ctype, correlation))
         await a.send(sends)
-        return len(sends)
+        if not released:
+            return len(sends)
+        # The states held through the blackout follow its outcome, once that
+        # is on its way (the client writes what is queued at the next turn of
+        # the loop): the outcome is not kept waiting while N more messages
+        # are built. A committed handover holds every member frozen, whatever
+        # a state topic still shows.
+        await asyncio.sleep(0)
+        await a.send([a.state_of(name, host.participant_status(name)) for name in released])
+        return len(sends) + len(released)

@@ -386,7 +386,7 @@ async def test_a_hung_commit_command_is_killed_at_the_deadline(
     # The commit runs beside the request path: the handover's deadline or the
     # command's own timeout (the time left until it), whichever is seen first.
     reason = handover["abort_reason"]
-    assert "did not finish within" in reason or reason == "deadline passed in assembled"
+    assert "did not finish within" in reason or reason == "deadline passed in frozen"
     assert not (d.state_dir / "payload.kho").exists()
     d.stop()
     assert not marker.exists()
