@@ -14,12 +14,20 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from khod_wire.errors import StoreError
 
-__all__ = ["atomic_write", "atomic_write_json", "fsync_directory", "remove_stale_temps"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_all",
+    "atomic_write_json",
+    "fsync_directory",
+    "json_bytes",
+    "remove_stale_temps",
+]
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -30,41 +38,74 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     unless the failure is the final directory fsync, when the new content is
     in place but its durability is unknown.
     """
-    path = Path(path)
-    directory = path.parent
-    tmp: str | None = None
+    atomic_write_all([(Path(path), data)], mode=mode)
+
+
+def atomic_write_all(files: Sequence[tuple[Path, bytes]], *, mode: int = 0o644) -> None:
+    """Durably replace each ``(path, data)``, renamed in the given order.
+
+    Like :func:`atomic_write` for each file, with one fsync per directory
+    rather than one per file: every new content is written and fsynced
+    first, then renamed into place in order (a crash in between leaves the
+    files before it new and the others old), then each directory is fsynced
+    once. On a failure before the renames nothing is replaced.
+    """
+    temps: list[tuple[str, Path]] = []
     try:
-        # mkstemp opens with O_CREAT | O_EXCL: a concurrent writer or a stale
-        # temp file can never be shared with this one.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        try:
-            # fchmod rather than relying on the umask: the caller asked for a mode.
-            os.fchmod(fd, mode)
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            # close() can report a deferred write error (NFS): it counts.
-            os.close(fd)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise StoreError(f"cannot write {path} atomically: {exc}") from exc
+        for path, data in files:
+            # mkstemp opens with O_CREAT | O_EXCL: a concurrent writer or a
+            # stale temp file can never be shared with this one.
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            except OSError as exc:
+                raise StoreError(f"cannot write {path} atomically: {exc}") from exc
+            temps.append((tmp, path))
+            try:
+                # fchmod rather than relying on the umask: the caller asked for a mode.
+                os.fchmod(fd, mode)
+                _write_all(fd, data)
+                os.fsync(fd)
+            except OSError as exc:
+                raise StoreError(f"cannot write {path} atomically: {exc}") from exc
+            finally:
+                # close() can report a deferred write error (NFS): it counts.
+                try:
+                    os.close(fd)
+                except OSError as exc:
+                    raise StoreError(f"cannot write {path} atomically: {exc}") from exc
+        while temps:
+            tmp, path = temps[0]
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise StoreError(f"cannot write {path} atomically: {exc}") from exc
+            temps.pop(0)
     finally:
-        if tmp is not None:
+        for tmp, _ in temps:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-    fsync_directory(directory)
+    for directory in dict.fromkeys(path.parent for path, _ in files):
+        fsync_directory(directory)
 
 
-def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o644) -> None:
-    """Durably replace ``path`` with ``obj`` as JSON (sorted keys, indent 2, final newline)."""
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the JSON khod writes to files (sorted keys, indent 2, final newline)."""
     try:
         # allow_nan=False: NaN and Infinity are not JSON, and other languages
         # read these files (manifests).
         text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as exc:
-        raise StoreError(f"cannot write {path}: value is not JSON-serializable: {exc}") from exc
-    atomic_write(path, text.encode("utf-8"), mode=mode)
+        raise StoreError(f"value is not JSON-serializable: {exc}") from exc
+    return text.encode("utf-8")
+
+
+def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o644) -> None:
+    """Durably replace ``path`` with ``obj`` as JSON (sorted keys, indent 2, final newline)."""
+    try:
+        data = json_bytes(obj)
+    except StoreError as exc:
+        raise StoreError(f"cannot write {path}: {exc}") from None
+    atomic_write(path, data, mode=mode)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -1,10 +1,11 @@
 """Committing the payload: the kernel hand-off backends.
 
-``dir`` writes the image and its manifest atomically (a crash never leaves a
-partial image under the final name). ``exec`` does the same, then runs the
-operator's command on the image (the host's kexec step). ``luo`` puts the
-image in a memfd preserved in khod's LUO session (see ``khod.luo_handoff``)
-and writes the manifest beside where a ``dir`` image would be; ``khod run``
+``dir`` writes the image atomically (a crash never leaves a partial image
+under the final name), and its manifest once committed (``describe``).
+``exec`` writes both, then runs the operator's command on the image (the
+host's kexec step). ``luo`` puts the image in a memfd preserved in khod's LUO
+session (see ``khod.luo_handoff``) and, once committed, writes the manifest
+beside where a ``dir`` image would be; ``khod run``
 opens ``/dev/liveupdate`` at start-up, so a host without it is refused then,
 rather than at the worst moment, the commit.
 """
@@ -18,7 +19,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from khod.atomicfile import atomic_write, atomic_write_json
+from khod.atomicfile import atomic_write_all, json_bytes
 from khod.config import Settings
 from khod.luo_handoff import LuoHandoff, session_name
 from khod_wire.errors import CommitError, ConfigError, KhodError, WithdrawError
@@ -70,16 +71,24 @@ async def _commit(
 ) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     where: dict[str, Any] = {"path": str(path)}
-    # The image first: a manifest never describes an image that is not there.
-    if settings.backend == "luo":
-        if _luo is None:
-            raise CommitError("backend 'luo': /dev/liveupdate is not open in this process")
-        where = _luo.preserve(image)
-    else:
-        await asyncio.to_thread(atomic_write, path, image)
-    await asyncio.to_thread(atomic_write_json, manifest_path(path), manifest)
+    described = manifest_path(path)
     if settings.backend == "exec":
+        # The operator's command may read the manifest: both first (the
+        # image before it: a manifest never describes an image not there).
+        await asyncio.to_thread(
+            atomic_write_all, [(path, image), (described, json_bytes(manifest))]
+        )
         await _run(settings.exec_command, path, timeout)
+    else:
+        # The manifest follows the commit (``describe``), outside the
+        # blackout; the old one goes first, so it never sits beside a new image.
+        described.unlink(missing_ok=True)
+        if settings.backend == "luo":
+            if _luo is None:
+                raise CommitError("backend 'luo': /dev/liveupdate is not open in this process")
+            where = _luo.preserve(image)
+        else:
+            await asyncio.to_thread(atomic_write_all, [(path, image)])
     return {
         "backend": settings.backend,
         **where,
@@ -89,6 +98,17 @@ async def _commit(
         "root_sha256": manifest.get("root_sha256"),
         "participants": len(manifest.get("participants", [])),
     }
+
+
+async def describe(settings: Settings, manifest: dict[str, Any]) -> None:
+    """Write the manifest of a committed payload beside it (``exec`` wrote it already).
+
+    Once committed, so not inside the blackout: it is derived from the image
+    (``khod inspect --json`` prints the same), for people and scripts.
+    """
+    if settings.backend != "exec":
+        data = json_bytes(manifest)
+        await asyncio.to_thread(atomic_write_all, [(manifest_path(settings.payload_path), data)])
 
 
 async def _run(command: list[str], image: Path, timeout: float) -> None:

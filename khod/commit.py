@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from khod import assembly, backend
 from khod.boot import boot_id
@@ -47,6 +48,12 @@ class Committer:
         if task is not None and not task.done():
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait({task})
+
+    async def finish_describing(self, timeout: float = 10.0) -> None:
+        """Before a clean stop: let the manifest of a committed payload be written."""
+        if self.running() and self.host.out.handover.state is HandoverState.COMMITTED:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wait(), timeout)
 
     def start(self) -> None:
         h = self.host.out.handover
@@ -113,6 +120,22 @@ class Committer:
             log.info("handover %s committed: %s", h.id, info)
 
         await self.worker.call(committed)
+        await self._describe(handover_id, manifest)
+
+    async def _describe(self, handover_id: str | None, manifest: dict[str, Any]) -> None:
+        """The manifest beside the committed payload, after the blackout."""
+        h = self.host.out.handover
+        if h.state is not HandoverState.COMMITTED or h.id != handover_id:
+            return
+        try:
+            await backend.describe(self.settings, manifest)
+        except KhodError as exc:
+            # The image is committed and alone authoritative; say what is missing.
+            log.error("the manifest of committed handover %s was not written: %s", h.id, exc)
+            return
+        if h.state is not HandoverState.COMMITTED or h.id != handover_id:
+            # Withdrawn meanwhile: no manifest may outlive its payload.
+            backend.manifest_path(self.settings.payload_path).unlink(missing_ok=True)
 
     async def _abort_for(self, handover_id: str | None, reason: str) -> None:
         def abort(batch: Batch) -> None:

@@ -165,11 +165,16 @@ class MonitorState:
         their own states just after the outcome, so they may still show the
         step before.
         """
-        h = self.handover
+        h, p = self.handover, self.participants.get(name)
         committed = h is not None and h.side == "outgoing" and h.state == "committed"
-        if committed and h is not None and name in h.expected:
+        # A member: on progress (expected), or by its own last state when only
+        # the broadcast was seen of a handover too short for progress.
+        if (
+            committed
+            and h is not None
+            and (name in h.expected or (p is not None and h.id and p.handover_id == h.id))
+        ):
             return "frozen"
-        p = self.participants.get(name)
         return "" if p is None else p.state
 
     def outstanding(self) -> list[str]:

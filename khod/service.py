@@ -155,6 +155,7 @@ async def _serve(
         await stop.wait()
         sdnotify.notify("STOPPING=1")
         log.info("stopping")
+        await daemon.commit.finish_describing()
         # Said explicitly: a clean disconnect does not fire the will.
         await daemon.publish_offline()
         for t in tasks:

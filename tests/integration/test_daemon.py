@@ -482,3 +482,31 @@ async def test_restore_is_not_repeated_by_a_stale_restore_flag(
     assert status["handover"]["side"] == "outgoing"
     assert status["handover"]["state"] == "preparing"
     assert [p["name"] for p in status["participants"]] == ["solo"]
+
+
+async def test_the_manifest_describes_the_committed_image_once_the_blackout_is_over(
+    daemon: DaemonProc,
+) -> None:
+    image_path = daemon.state_dir / "payload.kho"
+    described = image_path.with_suffix(".json")
+    described.write_text('{"handover_id": "an older one"}')
+    url, host = daemon.broker.url, daemon.host_id
+    async with RawClient(url, host, "a") as a, RawClient(url, host) as op:
+        await a.register(COMPAT, 0)
+        await op.op(ControlOp.BEGIN, {"deadline": 60})
+        await a.op(ParticipantOp.FRAGMENT, fragment(0))
+        reply = await a.op(ParticipantOp.FROZEN)
+    assert reply["data"]["handover"]["state"] == "committed"
+
+    def written() -> bool:
+        try:
+            return "older" not in described.read_text()
+        except FileNotFoundError:
+            return False
+
+    await until(written, what="the manifest")
+    manifest = json.loads(described.read_text())
+    image = PayloadImage.from_file(image_path)
+    assert manifest["handover_id"] == image.handover_id == reply["data"]["handover"]["id"]
+    assert [p["name"] for p in manifest["participants"]] == [e.name for e in image.entries]
+    assert manifest["root_sha256"] == reply["data"]["handover"]["payload"]["root_sha256"]

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import pytest
 
-from khod.atomicfile import atomic_write, atomic_write_json
+from khod.atomicfile import atomic_write, atomic_write_all, atomic_write_json
 from khod_wire.errors import StoreError
 
 
@@ -115,6 +115,46 @@ def test_failed_fsync_keeps_old_file_and_removes_temp(
     assert isinstance(info.value.__cause__, OSError)
     monkeypatch.undo()
     assert path.read_bytes() == b"old"
+    assert leftovers(tmp_path) == []
+
+
+def test_several_files_one_fsync_each_and_one_for_their_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image, manifest = tmp_path / "payload.kho", tmp_path / "payload.json"
+    atomic_write_all([(image, b"old image"), (manifest, b"old manifest")])
+    real = os.fsync
+    synced: list[str] = []
+
+    def counting(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    atomic_write_all([(image, b"new image"), (manifest, b"new manifest")])
+    assert synced == ["file", "file", "dir"]
+    assert (image.read_bytes(), manifest.read_bytes()) == (b"new image", b"new manifest")
+    assert leftovers(tmp_path) == []
+
+
+def test_a_failure_on_a_later_file_replaces_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image, manifest = tmp_path / "payload.kho", tmp_path / "payload.json"
+    atomic_write_all([(image, b"old image"), (manifest, b"old manifest")])
+    real, calls = os.fsync, []
+
+    def second_fails(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", second_fails)
+    with pytest.raises(StoreError, match=re.escape(str(manifest))):
+        atomic_write_all([(image, b"new image"), (manifest, b"new manifest")])
+    monkeypatch.undo()
+    assert (image.read_bytes(), manifest.read_bytes()) == (b"old image", b"old manifest")
     assert leftovers(tmp_path) == []
 
 

@@ -159,6 +159,14 @@ def test_a_commit_counts_every_member_frozen_before_their_own_states_arrive(
     assert "frozen 2/2" in mon.summary()
     # Not a member: what its own topic says.
     assert mon.state_of("x") == "registered"
+    # A handover so short that progress never showed it: the broadcast and
+    # the members' own (serialized) states are enough.
+    short = MonitorState(HOST)
+    short.ingest(T.state("a"), participant("a", "serialized", handover_id=HID))
+    short.ingest(T.state("x"), participant("x", "registered"))
+    signal = HandoverSignal(state="committed", id=HID, side="outgoing", updated_at=NOW)
+    short.ingest(T.handover, encode(signal))
+    assert (short.state_of("a"), short.state_of("x")) == ("frozen", "registered")
     # An aborted one is not committed: the topics are the truth.
     mon.ingest(T.progress, handover("idle", abort_reason="no", seq=10))
     assert mon.state_of("a") == "serialized"
