@@ -7,7 +7,13 @@ fresh ``khod run`` for every handover, then measures:
 * **blackout** (freeze signal -> payload durable) for N SDK participants
   spread over the workers, both as the daemon reports it (the committed
   status's ``payload.blackout_s``) and as a monitor sees it (the retained
-  handover status turning ``freezing`` -> ``committed``);
+  handover status turning ``freezing`` -> ``committed``). Every participant
+  submits its fragment when the handover begins; the operator's ``freeze``
+  follows once all are serialized (``--auto-freeze``: the handover freezes by
+  itself as the last fragment arrives, and the window then also holds the
+  replies to the fragments that arrived with it);
+* the **CPU** each role (daemon, broker, participants) spends inside that
+  window, and the floor's, read from /proc at both ends;
 * the **floor**, in the same run with the same N and the same workers: a bare
   aiomqtt coordinator publishes one retained QoS 1 broadcast to N plain
   aiomqtt clients, each answers with one QoS 1 publish, the coordinator
@@ -60,6 +66,7 @@ from khod_wire.protocol import (
     JSON,
     BeginRequest,
     ControlOp,
+    FreezeRequest,
     ParticipantOp,
     RegisterRequest,
     Topics,
@@ -259,6 +266,8 @@ class WorkerState:
         self.parts: list[Participant] = []
         self.parts_stack: contextlib.AsyncExitStack | None = None
         self.lifecycle: list[asyncio.Task[None]] = []
+        #: one per participant, done once its fragment is acknowledged
+        self.submitted: list[asyncio.Future[None]] = []
         self.floor_stack: contextlib.AsyncExitStack | None = None
         self.echo_stack: contextlib.AsyncExitStack | None = None
 
@@ -273,10 +282,11 @@ async def gather_limited(calls: Sequence[Callable[[], Awaitable[Any]]], limit: i
     return await asyncio.gather(*(one(c) for c in calls))
 
 
-async def participant_lifecycle(p: Participant, size: int) -> None:
+async def participant_lifecycle(p: Participant, size: int, submitted: asyncio.Future[None]) -> None:
     """What a component does: fragment when the handover begins, frozen when told."""
     await p.wait_for_begin()
     await p.submit(fragment(p.compatible, p.instance, size))
+    submitted.set_result(None)
     await p.wait_for_freeze()
     await p.frozen()
 
@@ -302,8 +312,19 @@ async def w_connect(st: WorkerState, cmd: dict[str, Any]) -> dict[str, Any]:
 async def w_register(st: WorkerState, cmd: dict[str, Any]) -> dict[str, Any]:
     await asyncio.gather(*(p.register() for p in st.parts))
     size = int(cmd["size"])
-    st.lifecycle = [asyncio.create_task(participant_lifecycle(p, size)) for p in st.parts]
+    loop = asyncio.get_running_loop()
+    st.submitted = [loop.create_future() for _ in st.parts]
+    st.lifecycle = [
+        asyncio.create_task(participant_lifecycle(p, size, done))
+        for p, done in zip(st.parts, st.submitted, strict=True)
+    ]
     return {"ok": True}
+
+
+async def w_await_submitted(st: WorkerState, cmd: dict[str, Any]) -> dict[str, Any]:
+    """Until every participant's fragment is acknowledged (each one serialized)."""
+    _, pending = await asyncio.wait(st.submitted, timeout=float(cmd["timeout"]))
+    return {"ok": not pending, "pending": len(pending)}
 
 
 async def w_await_frozen(st: WorkerState, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -445,6 +466,7 @@ WORKER_OPS: dict[str, Callable[[WorkerState, dict[str, Any]], Awaitable[dict[str
     "connect": w_connect,
     "register": w_register,
     "await_frozen": w_await_frozen,
+    "await_submitted": w_await_submitted,
     "close": w_close,
     "floor_connect": w_floor_connect,
     "floor_close": w_floor_close,
@@ -738,12 +760,23 @@ class Bench:
             seen = self.monitor.host(host)
             async with running(operator(self.url, host)) as op:
                 t_begin = now()
+                auto = bool(self.args.auto_freeze)
                 await control(
                     op,
                     host,
                     ControlOp.BEGIN,
-                    encode(BeginRequest(deadline=3600, auto_freeze=True)),
+                    encode(BeginRequest(deadline=3600, auto_freeze=auto)),
                 )
+                if not auto:
+                    # The operator's freeze once every participant is
+                    # serialized: the window holds the blackout alone, not
+                    # the replies to N fragments sent at the same instant.
+                    outs = await asyncio.gather(
+                        *(w.call("await_submitted", timeout=timeout) for w in ws)
+                    )
+                    if not all(o.get("ok") for o in outs):
+                        raise RoundTimeout(f"N={n}: not every participant serialized: {outs}")
+                    await control(op, host, ControlOp.FREEZE, encode(FreezeRequest()))
                 try:
                     await asyncio.wait_for(seen.committed.wait(), timeout)
                 except TimeoutError:
@@ -1281,6 +1314,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "transport": args.transport,
             "requests": args.requests,
             "rss_participants": args.rss_participants,
+            "auto_freeze": args.auto_freeze,
             "fragment_sizes": [SMALL, PAGE],
             "request_fragment": REQUEST_FRAGMENT,
         },
@@ -1361,6 +1395,12 @@ def main() -> int:
         type=float,
         default=60.0,
         help="after a round slower than this (s), no more rounds of that scenario (default 60)",
+    )
+    ap.add_argument(
+        "--auto-freeze",
+        action="store_true",
+        help="freeze as the last fragment arrives (begin auto_freeze) instead of the "
+        "operator's freeze once every participant is serialized",
     )
     ap.add_argument("--quick", action="store_true", help="tiny run: N=5, 2 rounds")
     ap.add_argument("--json", metavar="FILE", default="bench-blackout.json")

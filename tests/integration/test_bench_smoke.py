@@ -63,6 +63,7 @@ def test_bench_quick(tmp_path: Path) -> None:
         assert res["machine"][key], key
     assert res["load"]["start"] and res["load"]["end"]
 
+    assert res["config"]["auto_freeze"] is False  # the operator's freeze, by default
     assert [b["n"] for b in res["blackout"]] == [5]
     b = res["blackout"][0]
     check_summary(b["floor_s"], "floor")
@@ -73,6 +74,8 @@ def test_bench_quick(tmp_path: Path) -> None:
         assert len(f["rounds"]) == 2
         for key in ("begin_commit_s", "register_commit_s", "blackout_external_s"):
             check_summary(f[key], f"{size}.{key}")
+        # CPU each role spent inside the window (ticks: may be zero at N=5).
+        assert {"daemon", "broker", "participants"} <= set(f["cpu_s"]), f["cpu_s"]
         # Reported by the daemon if its committed status says so (optional).
         if f["blackout_daemon_s"]["n"]:
             check_summary(f["blackout_daemon_s"], f"{size}.blackout_daemon_s")
@@ -92,6 +95,24 @@ def test_bench_quick(tmp_path: Path) -> None:
     for t in res["targets"]:
         assert positive(t["value"]), t
         assert t["pass"] in (True, False)
+
+
+def test_bench_with_the_freeze_at_the_last_fragment(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--sizes", "5", "--rounds", "1", "--requests", "0", "--rss-participants", "0"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), *args, "--auto-freeze", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["config"]["auto_freeze"] is True
+    for size, f in res["blackout"][0]["fragments"].items():
+        assert f["error"] is None, f["error"]
+        check_summary(f["blackout_external_s"], f"{size}.blackout_external_s")
 
 
 def test_bench_publish_runs_and_writes_every_figure(tmp_path: Path) -> None:
