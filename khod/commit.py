@@ -19,6 +19,7 @@ from khod import assembly, backend
 from khod.boot import boot_id
 from khod.config import Settings
 from khod.host import Host
+from khod.payload_layout import Links
 from khod.persist import Persister
 from khod.replies import ok, refused
 from khod.worker import Batch, Worker
@@ -38,6 +39,14 @@ class Committer:
         self.persist = persist
         self.worker = worker
         self._task: asyncio.Task[None] | None = None
+        #: link nodes built as fragments arrive (``prepare``), joined at assembly
+        self.links = Links()
+
+    def prepare(self, name: str) -> None:
+        """``name``'s fragment arrived: build its link node now, not in the blackout."""
+        p = self.host.out.participants.get(name)
+        if p is not None:
+            assembly.prepare(self.links, p, self.host.fragments)
 
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
@@ -86,7 +95,7 @@ class Committer:
         h = host.out.handover
         try:
             image, manifest = assembly.build(
-                host.out, host.fragments, base=self.settings.payload_base
+                host.out, host.fragments, base=self.settings.payload_base, links=self.links
             )
         except KhodError as exc:
             log.error("assembly failed: %s", exc)

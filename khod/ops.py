@@ -119,6 +119,7 @@ class Ops:
         changes = host.out.submit(name, info.size, info.sha256_hex, now=host.now())
         self._stage(asked, changes)
         host.fragments[name] = blob
+        self.commit.prepare(name)
         sha = info.sha256_hex
         asked.batch.writes.append(lambda s: s.put_fragment(name, blob, sha))
         return {"size": info.size, "sha256": sha, **self._both(name)}

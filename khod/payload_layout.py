@@ -82,45 +82,119 @@ def _pad(n: int) -> bytes:
     return bytes(-n % 4)
 
 
-def _root(
-    hid: bytes, entries: Sequence[PayloadEntry], links: Sequence[tuple[bytes, bytes, bytes]]
-) -> tuple[bytearray, list[int]]:
+#: name offsets in the strings block: without and with "restore-after"
+_OFFSETS = {ordered: _strings([*_NAMES, *(("restore-after",) if ordered else ())])[1]
+            for ordered in (False, True)}  # fmt: skip
+
+
+def _prop(off: dict[str, int], name: str, value: bytes) -> bytes:
+    return _PROP + _PROP_HEAD.pack(len(value), off[name]) + value + _pad(len(value))
+
+
+def _node(entry: PayloadEntry, values: tuple[bytes, bytes, bytes], ordered: bool) -> _Node:
+    """One link node, preserved-data zero, and where that value lies in it."""
+    off = _OFFSETS[ordered]
+    compatible, instance, restore_after = values
+    name = entry.name.encode() + b"\0"
+    head = b"".join(
+        (
+            _BEGIN_NODE + name + _pad(len(name)),
+            _prop(off, "compatible", compatible),
+            _prop(off, "instance", instance),
+        )
+    )
+    tail = [
+        _prop(off, "preserved-data", fdt.native_u64(0)),
+        _prop(off, "blob-size", fdt.native_u64(len(entry.blob))),
+        _prop(off, "sha256", entry.sha256),
+    ]
+    if restore_after:
+        tail.append(_prop(off, "restore-after", restore_after))
+    tail.append(_END_NODE)
+    # The value follows the preserved-data property's tag, length and name offset.
+    return _Node(head + b"".join(tail), len(head) + 12)
+
+
+@dataclass(frozen=True)
+class _Node:
+    data: bytes
+    slot: int
+
+
+@dataclass
+class _Link:
+    values: tuple[bytes, bytes, bytes]  # compatible, instance, restore-after
+    nodes: dict[bool, _Node] = field(default_factory=dict)
+
+
+class Links:
+    """Each participant's link node, built when its fragment arrives, not in the blackout.
+
+    A node depends only on the participant (name, compatible, instance,
+    restore order) and its fragment (size, sha256), and on whether any
+    participant names a restore order (the strings block then holds one more
+    name): both forms are kept. ``layout`` takes what is here and builds what
+    is not. Bounded: past ``limit`` entries, it starts over.
+    """
+
+    def __init__(self, limit: int = 1 << 16) -> None:
+        self.limit = limit
+        self._links: dict[tuple[Any, ...], _Link] = {}
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    def prepare(self, entry: PayloadEntry) -> None:
+        """Build ``entry``'s node now (PayloadError if it cannot be linked)."""
+        link = self.link(entry)
+        # One that names a restore order makes the whole root ordered.
+        for ordered in (True,) if link.values[2] else (False, True):
+            self.node(entry, link, ordered)
+
+    def link(self, entry: PayloadEntry) -> _Link:
+        key = _key(entry)
+        link = self._links.get(key)
+        if link is None:
+            if len(self._links) >= self.limit:
+                self._links.clear()
+            link = self._links[key] = _Link(_link_values(entry))
+        return link
+
+    @staticmethod
+    def node(entry: PayloadEntry, link: _Link, ordered: bool) -> _Node:
+        node = link.nodes.get(ordered)
+        if node is None:
+            node = link.nodes[ordered] = _node(entry, link.values, ordered)
+        return node
+
+
+def _key(entry: PayloadEntry) -> tuple[Any, ...]:
+    return (
+        entry.name,
+        entry.compatible,
+        type(entry.instance),
+        entry.instance,
+        entry.sha256,
+        len(entry.blob),
+        entry.restore_after,
+    )
+
+
+def _root(hid: bytes, nodes: Sequence[_Node], ordered: bool) -> tuple[bytearray, list[int]]:
     """The root FDT (preserved-data zero) and where each preserved-data value lies in it."""
-    names = [*(_NAMES if entries else _NAMES[:2])]
-    if any(link[2] for link in links):
-        names.append("restore-after")
+    names = [*(_NAMES if nodes else _NAMES[:2]), *(("restore-after",) if ordered else ())]
     strings, off = _strings(names)
-
-    def prop(name: str, value: bytes) -> bytes:
-        return _PROP + _PROP_HEAD.pack(len(value), off[name]) + value + _pad(len(value))
-
     parts = [
         _BEGIN_NODE + bytes(4),
-        prop("compatible", PAYLOAD_COMPATIBLE.encode() + b"\0"),
-        prop("handover-id", hid),
+        _prop(off, "compatible", PAYLOAD_COMPATIBLE.encode() + b"\0"),
+        _prop(off, "handover-id", hid),
     ]
     at = _RSVMAP + 16 + sum(map(len, parts))
     slots = []
-    zero = fdt.native_u64(0)
-    for entry, (compatible, instance, restore_after) in zip(entries, links, strict=True):
-        name = entry.name.encode() + b"\0"
-        node = [
-            _BEGIN_NODE + name + _pad(len(name)),
-            prop("compatible", compatible),
-            prop("instance", instance),
-        ]
-        size = sum(map(len, node))
-        slots.append(at + size + 12)  # after the preserved-data property's tag, len, nameoff
-        node += [
-            prop("preserved-data", zero),
-            prop("blob-size", fdt.native_u64(len(entry.blob))),
-            prop("sha256", entry.sha256),
-        ]
-        if restore_after:
-            node.append(prop("restore-after", restore_after))
-        node.append(_END_NODE)
-        parts += node
-        at += sum(map(len, node))
+    for node in nodes:
+        slots.append(at + node.slot)
+        parts.append(node.data)
+        at += len(node.data)
     parts += [_END_NODE, _END]
     structure = b"".join(parts)
     off_struct = _RSVMAP + 16
@@ -179,33 +253,37 @@ def layout(
     *,
     base: int = 0,
     page_size: int = DEFAULT_PAGE_SIZE,
+    links: Links | None = None,
 ) -> Layout:
     """The payload image linking ``entries`` in the given (freeze) order, and where each lies.
 
     Deterministic: the same input gives the same bytes. PayloadError on a bad
     or duplicate name, handover id or link value; ValueError on a bad layout.
+    ``links``: the nodes built as the fragments arrived (:class:`Links`).
     """
     payload.check_layout(base, page_size)
     hid = handover_id.encode("ascii", "replace") + b"\0"
     if payload.printable(hid, HANDOVER_ID_MAX) != handover_id:
         raise PayloadError(f"handover id {handover_id!r} is not 1..128 printable ASCII")
-    links: list[tuple[bytes, bytes, bytes]] = []
+    links = Links() if links is None else links
+    found: list[_Link] = []
     names: set[str] = set()
     keys: set[tuple[bytes, bytes]] = set()
     for entry in entries:
-        link = _link_values(entry)
+        link = links.link(entry)
         if entry.name in names:
             raise PayloadError(f"duplicate participant name {entry.name!r}")
-        if link[:2] in keys:
+        if link.values[:2] in keys:
             raise PayloadError(
                 f"participant {entry.name!r}: another participant has the same "
                 f"compatible {entry.compatible!r} and instance {entry.instance!r}"
             )
         names.add(entry.name)
-        keys.add(link[:2])
-        links.append(link)
-
-    root, slots = _root(hid, entries, links)
+        keys.add(link.values[:2])
+        found.append(link)
+    ordered = any(link.values[2] for link in found)
+    nodes = [links.node(e, link, ordered) for e, link in zip(entries, found, strict=True)]
+    root, slots = _root(hid, nodes, ordered)
     parts: list[bytes | bytearray] = [root]
     end = len(root)
     offsets = []

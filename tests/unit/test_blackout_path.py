@@ -64,6 +64,8 @@ def test_a_participants_own_frozen_waits_for_the_end_of_the_blackout(tmp_path: P
             await bus.send(n, "fragment", fragment(n, i))
         await settle(bus.daemon)
         assert bus.daemon.out.handover.state == "freezing"
+        # Each link node was built as its fragment arrived: assembly only joins.
+        assert len(bus.daemon.commit.links) == len(names)
         start = len(bus.pub.sent)
         await bus.send("a", "frozen")
         await bus.send("b", "frozen")

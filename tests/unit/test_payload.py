@@ -499,3 +499,54 @@ def test_flips_in_the_root_never_escape_payload_error(at: int, mask: int) -> Non
     except PayloadError:
         return
     fragments_verify(parsed)
+
+
+# -- link nodes built as the fragments arrive --------------------------------------
+
+
+def test_nodes_built_before_the_blackout_are_joined_not_rebuilt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import khod.payload_layout as pl
+
+    es = entries(6)
+    es[3] = dataclasses.replace(es[3], restore_after=("vm-0",))
+    cold = layout(HID, es, base=PAGE)
+    rest = [e for e in es if not e.restore_after]
+    cold_rest = layout(HID, rest).image
+    cache = pl.Links()
+    for e in es:
+        cache.prepare(e)
+
+    def rebuilt(*_: object) -> None:
+        raise AssertionError("a node was built inside the blackout")
+
+    monkeypatch.setattr(pl, "_node", rebuilt)
+    warm = layout(HID, es, base=PAGE, links=cache)
+    assert warm.image == cold.image
+    # Without the participant that names a restore order, the other form of each node.
+    assert layout(HID, rest, links=cache).image == cold_rest
+
+
+def test_a_fragment_sent_again_gets_a_node_of_its_own() -> None:
+    import khod.payload_layout as pl
+
+    cache = pl.Links()
+    first = entry("vm-1", "cloud-hypervisor,vm-v1", 1)
+    cache.prepare(first)
+    again = entry("vm-1", "cloud-hypervisor,vm-v1", 1, fragment("cloud-hypervisor,vm-v1", 1, 7))
+    assert again.sha256 != first.sha256
+    image = layout(HID, [again], links=cache).image
+    assert image == layout(HID, [again]).image
+    assert links(image)["vm-1"].get("sha256") == again.sha256
+
+
+def test_links_are_bounded_and_a_bad_entry_is_refused_as_at_assembly() -> None:
+    import khod.payload_layout as pl
+
+    cache = pl.Links(limit=2)
+    for i in range(5):
+        cache.prepare(entry(f"vm-{i}", "cloud-hypervisor,vm-v1", i))
+    assert len(cache) <= 2
+    with pytest.raises(PayloadError, match="participant 'bad/name'"):
+        cache.prepare(entry("bad/name", "cloud-hypervisor,vm-v1", 9))
