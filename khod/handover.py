@@ -76,12 +76,11 @@ class Outgoing(Members):
                 f"duplicate name {name!r}: already registered as {old.compatible} "
                 f"instance {old.instance!r}"
             )
-        for p in self.participants.values():
-            if p.name != name and (p.compatible, p.instance) == (new.compatible, new.instance):
-                raise RegistrationError(
-                    f"{new.compatible} instance {new.instance!r} is already registered "
-                    f"as {p.name!r}"
-                )
+        holder = self._identities.get((new.compatible, new.instance))
+        if holder is not None and holder != name:
+            raise RegistrationError(
+                f"{new.compatible} instance {new.instance!r} is already registered as {holder!r}"
+            )
         self._check_acyclic(new)
         hs = self.handover.state
         if old is not None and old.state is not P.FAILED:
@@ -90,12 +89,13 @@ class Outgoing(Members):
         if hs not in (H.IDLE, H.PREPARING):
             raise Busy(f"registration is closed: the handover is {hs}")
         joins = hs is H.PREPARING and (not self.handover.explicit or name in self.handover.expected)
-        if joins:
+        if joins and (new.freeze_after or new.restore_after):
             self._check_known_order(new, (*self.handover.expected, name))
 
         changes = Changes()
         if old is None:
             self.participants[name] = new
+            self._identities[(new.compatible, new.instance)] = name
             if self.is_member(name):
                 self._tally[new.state] += 1
             changes.participants.add(name)
@@ -182,6 +182,7 @@ class Outgoing(Members):
         if self.is_member(name):
             self._tally[p.state] -= 1
         del self.participants[name]
+        self._identities.pop((p.compatible, p.instance), None)
         changes.removed.add(name)
         changes.participants.discard(name)
         changes.drop_fragments.add(name)

@@ -29,6 +29,10 @@ class Members:
     ) -> None:
         self.handover = handover or Handover()
         self.participants: dict[str, Participant] = {p.name: p for p in participants}
+        #: who is registered as each (compatible, instance): one name each
+        self._identities: dict[tuple[str, object], str] = {
+            (p.compatible, p.instance): p.name for p in self.participants.values()
+        }
         # Indexes that keep every request O(1) in the number of participants:
         # the members of the handover as a set, and how many are in each
         # state. Rebuilt (O(N)) only when ``handover.expected`` is replaced,

@@ -304,6 +304,36 @@ def _read_publishes_directly(paho: mqtt.Client, deliver: Callable[[Message], Non
     paho._handle_publish = handle_publish  # type: ignore[method-assign]
 
 
+#: What every plain PUBACK says: shared, never changed (paho reads, never writes them).
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_PUBACK_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+
+
+def _read_pubacks_directly(paho: mqtt.Client) -> None:
+    """Read a plain PUBACK (packet id only: success) without paho's objects.
+
+    paho builds two reason codes and two property sets for every PUBACK
+    (each copies paho's name tables): one PUBACK per reply and per state
+    the daemon publishes. A PUBACK with a reason code or properties (a
+    refusal, say) is read by paho as before.
+    """
+    if not isinstance(getattr(paho, "_in_packet", None), dict):
+        return  # a paho this was not written for: it reads everything itself
+    original = paho._handle_pubackcomp
+
+    def handle_pubackcomp(cmd: Any) -> MQTTErrorCode:
+        packet = paho._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2 or paho._protocol != mqtt.MQTTv5:
+            return original(cmd)
+        mid = packet[0] << 8 | packet[1]
+        with paho._out_message_mutex:
+            if mid in paho._out_messages:
+                return paho._do_on_publish(mid, _PUBACK_SUCCESS, _PUBACK_NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    paho._handle_pubackcomp = handle_pubackcomp  # type: ignore[method-assign]
+
+
 class Client(aiomqtt.Client):
     """aiomqtt's client with khod's types at its edges.
 
@@ -319,6 +349,7 @@ class Client(aiomqtt.Client):
         self._write_soon = False
         _skip_idle_inflight_scans(self._client)
         _read_publishes_directly(self._client, self._deliver)
+        _read_pubacks_directly(self._client)
 
     @property
     def lost(self) -> asyncio.Future[None]:

@@ -450,6 +450,23 @@ def test_same_compatible_and_instance_under_another_name() -> None:
     )
     out.register("vm2", "ch,vm-v1", 2, now=1.0)  # another instance is fine
     out.register("vm3", "ch,vm-v1", "1", now=1.0)  # "1" is not 1
+    # Once its holder is gone, the identity is free again (and only then).
+    out.gone("vm", now=2.0)
+    out.register("vm-again", "ch,vm-v1", 1, now=3.0)
+    refused(
+        out,
+        RegistrationError,
+        lambda: out.register("vm", "ch,vm-v1", 1, now=4.0),
+        match=r"already registered as 'vm-again'",
+    )
+    # A daemon that starts again knows who holds what.
+    again = Outgoing(out.handover, out.participants.values())
+    refused(
+        again,
+        RegistrationError,
+        lambda: again.register("vm", "ch,vm-v1", 2, now=5.0),
+        match=r"already registered as 'vm2'",
+    )
 
 
 def test_registration_during_freezing_is_busy() -> None:

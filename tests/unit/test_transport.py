@@ -272,3 +272,33 @@ async def test_khod_clients_read_publishes_directly() -> None:
 
     c = Client("127.0.0.1", 1, protocol=mqtt.MQTTv5)
     assert c._client._handle_publish.__name__ == "handle_publish"  # not paho's method
+    assert c._client._handle_pubackcomp.__name__ == "handle_pubackcomp"
+
+
+@pytest.mark.parametrize(
+    "packet", [b"\x00\x07", b"\x00\x07\x87", b"\x00\x07\x87\x00", b"\x00\x07\x10"]
+)
+def test_a_puback_is_read_as_paho_reads_it(packet: bytes) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from khod_wire._mqtt import _read_pubacks_directly, reason
+
+    def read(fast: bool) -> tuple[list[tuple[int, Any]], int]:
+        paho = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        if fast:
+            _read_pubacks_directly(paho)
+        seen: list[tuple[int, Any]] = []
+        paho.on_publish = lambda c, u, mid, rc, props: seen.append((mid, reason(rc)))
+        msg = mqtt.MQTTMessage(7)
+        msg.qos = 1
+        paho._out_messages = {7: msg}
+        paho._inflight_messages = 1
+        paho._in_packet["packet"] = bytearray(packet)
+        paho._handle_pubackcomp("PUBACK")
+        assert paho._out_messages == {} and msg.info.is_published()
+        return seen, paho._inflight_messages
+
+    assert read(fast=True) == read(fast=False)
+    [(mid, code)], _ = read(fast=True)
+    assert mid == 7 and code.failed == (len(packet) > 2 and packet[2] >= 0x80)
