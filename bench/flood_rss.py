@@ -28,7 +28,7 @@ from pathlib import Path
 import aiomqtt
 
 from khod.broker import PrivateBroker
-from khod_wire._mqtt import properties
+from khod_wire._paho import properties
 from khod_wire.protocol import JSON, ControlOp, ParticipantOp, Topics
 from khod_wire.transport import Connection, client_id
 from khod_wire.urls import BrokerURL

@@ -1,11 +1,11 @@
-"""The client layer: the one module of khod that imports aiomqtt and paho.
+"""The client layer, aiomqtt's side: the one module of khod that imports aiomqtt.
 
 It owns aiomqtt's client subclass (PUBACK reason codes, socket watching that
-survives a dropped connection), the fast PUBLISH properties and reader, and the
-translation both ways: a received paho message becomes a khod
-:class:`~khod_wire.message.Message` once, a khod :class:`~khod_wire.message.Will`
-and publish arguments become paho's, reason codes become
-:class:`~khod_wire.reasons.Reason` and aiomqtt's errors :class:`LinkLost`.
+survives a dropped connection, paho's hooks from :mod:`khod_wire._paho`
+installed on its own paho client), how it connects (a khod
+:class:`~khod_wire.message.Will` becomes paho's), and aiomqtt's errors as
+:class:`LinkLost`. With :mod:`khod_wire._paho` (paho's side of the same
+edge) it is the client layer: nothing else imports aiomqtt or paho.
 :mod:`khod_wire.transport` builds the reconnecting connection on top.
 """
 
@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
-import functools
 import logging
-import math
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
@@ -25,12 +22,13 @@ import aiomqtt
 import paho.mqtt.client as mqtt
 from aiomqtt.exceptions import MqttConnectError
 from aiomqtt.types import PahoSocket
-from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from khod_wire import _paho
+from khod_wire._paho import message_of, properties, reason
 from khod_wire.message import Message, Will
 from khod_wire.reasons import Reason
 from khod_wire.urls import BrokerURL
@@ -70,270 +68,6 @@ PAHO_LOG = logging.getLogger("khod.mqtt")
 PAHO_LOG.addFilter(_ExpectedDisconnects())
 
 
-#: An empty PUBLISH property set, copied for each message (see properties()).
-class _PublishProperties(Properties):
-    """The properties khod puts on a PUBLISH, packed without paho's generic walk.
-
-    paho's ``pack`` tries every property name of the packet type (string
-    replaces, ``hasattr`` and list lookups for each): ~33 us a message, on
-    every request, reply and retained state. Only these four are ever set
-    here, so they are packed directly, in paho's order (by identifier).
-    """
-
-    def pack(self) -> bytes:
-        values = self.__dict__
-        out = bytearray()
-        expiry = values.get("MessageExpiryInterval")
-        if expiry is not None:
-            out += b"\x02" + expiry.to_bytes(4, "big")
-        for ident, name in ((b"\x03", "ContentType"), (b"\x08", "ResponseTopic")):
-            text = values.get(name)
-            if text is not None:
-                raw = text.encode("utf-8")
-                out += ident + len(raw).to_bytes(2, "big") + raw
-        correlation = values.get("CorrelationData")
-        if correlation is not None:
-            out += b"\x09" + len(correlation).to_bytes(2, "big") + correlation
-        return _varint(len(out)) + bytes(out)
-
-
-def _varint(n: int) -> bytes:
-    """MQTT's variable byte integer."""
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-_PUBLISH_PROPERTIES = _PublishProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-
-
-def properties(
-    *,
-    content_type: str | None = None,
-    response_topic: str | None = None,
-    correlation: bytes | None = None,
-    expiry: float | None = None,
-) -> Properties:
-    # paho's Properties builds its lookup tables in __init__ and re-checks
-    # every name against lists built on each __setattr__: ~35 us a message,
-    # on every request and reply. These four names are valid for PUBLISH and
-    # their values typed here, so copy an empty set and fill its __dict__
-    # (~2 us); tests/unit/test_transport.py checks the bytes are the same.
-    props = copy.copy(_PUBLISH_PROPERTIES)
-    values = props.__dict__
-    if expiry is not None:
-        values["MessageExpiryInterval"] = max(1, math.ceil(expiry))
-    if content_type:
-        values["ContentType"] = content_type
-    if response_topic:
-        values["ResponseTopic"] = response_topic
-    if correlation is not None:
-        values["CorrelationData"] = bytes(correlation)
-    return props
-
-
-@functools.cache
-def _named(packet: int, value: int) -> Reason:
-    # Cached: paho's ReasonCode copies its name table per instance, and a
-    # broker answers with a handful of codes.
-    return Reason(value, ReasonCode(packet, identifier=value).getName())
-
-
-def reason(code: ReasonCode | int) -> Reason:
-    """paho's reason code as khod's; a bare int (MQTT 3.1 style) is named "refused"."""
-    if isinstance(code, ReasonCode):
-        return _named(code.packetType, code.value)
-    return Reason(code, "refused")
-
-
-def _as_bytes(p: object) -> bytes:
-    if isinstance(p, bytes | bytearray):
-        return bytes(p)
-    return b"" if p is None else str(p).encode()
-
-
-def message_of(m: mqtt.MQTTMessage) -> Message:
-    """A received paho message as khod's Message: once per message, no payload copy."""
-    payload = m.payload
-    if type(payload) is not bytes:  # paho may hand over bytearray, str, numbers or None
-        payload = _as_bytes(payload)
-    p = getattr(m, "properties", None)
-    return Message(
-        m.topic,
-        payload,
-        bool(m.retain),
-        getattr(p, "ContentType", None),
-        getattr(p, "ResponseTopic", None),
-        getattr(p, "CorrelationData", None),
-    )
-
-
-def _skip_idle_inflight_scans(paho: mqtt.Client) -> None:
-    """Make paho's search for queued publishes cost nothing when none is queued.
-
-    After every PUBACK paho walks all the publishes still waiting for theirs,
-    looking for one it queued behind ``max_inflight_messages``: with a batch
-    of N replies and states in flight that is N walks of up to N messages,
-    quadratic on the daemon's blackout path. A publish is queued only while
-    more messages are kept than are counted in flight (every publish here is
-    QoS 1, each counted until its PUBACK), so the walk is needed only then.
-    """
-    scan = paho._update_inflight
-
-    def update_inflight() -> MQTTErrorCode:
-        if len(paho._out_messages) <= paho._inflight_messages:
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
-        return scan()
-
-    paho._update_inflight = update_inflight  # type: ignore[method-assign]
-
-
-class _Unread(ValueError):
-    """A PUBLISH the fast reader leaves to paho (paho then accepts or refuses it)."""
-
-
-def _utf8(packet: bytes | bytearray, at: int) -> tuple[str, int]:
-    end = at + 2 + (packet[at] << 8 | packet[at + 1])
-    if end > len(packet):
-        raise _Unread("string beyond the packet")
-    return packet[at + 2 : end].decode("utf-8"), end
-
-
-def _property_text(packet: bytes | bytearray, at: int) -> tuple[str, int]:
-    text, at = _utf8(packet, at)
-    if "\x00" in text or "\ufeff" in text:  # paho refuses these (MQTT-1.5.4-2, -3)
-        raise _Unread("a character MQTT forbids in a property")
-    return text, at
-
-
-def _read_varint(packet: bytes | bytearray, at: int) -> tuple[int, int]:
-    value = shift = 0
-    for i in range(4):
-        byte = packet[at + i]
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, at + i + 1
-        shift += 7
-    raise _Unread("variable byte integer longer than 4 bytes")
-
-
-#: PUBLISH properties khod does not read: identifier -> bytes to skip (None: special).
-_SKIPPED = {0x01: 1, 0x02: 4, 0x23: 2, 0x0B: None, 0x26: None}
-
-
-def read_publish(command: int, packet: bytes | bytearray) -> tuple[Message, int, int]:
-    """A received MQTT v5 PUBLISH as khod's Message, with its QoS and packet id.
-
-    Reads only what khod reads (topic, payload, retain, Content Type,
-    Response Topic, Correlation Data) and skips the other PUBLISH
-    properties. paho's reader builds a ``Properties`` object per message
-    (~60 us, about a third of a participant's work in the blackout); this
-    one does not. Anything it does not expect raises ``_Unread``, and paho
-    reads that packet instead.
-    """
-    qos = (command >> 1) & 0x03
-    try:
-        topic, at = _utf8(packet, 0)
-        mid = 0
-        if qos:
-            mid = packet[at] << 8 | packet[at + 1]
-            at += 2
-        size, at = _read_varint(packet, at)
-        end = at + size
-        if end > len(packet):
-            raise _Unread("properties beyond the packet")
-        content_type = response_topic = None
-        correlation = None
-        while at < end:
-            ident = packet[at]
-            at += 1
-            if ident == 0x03:
-                content_type, at = _property_text(packet, at)
-            elif ident == 0x08:
-                response_topic, at = _property_text(packet, at)
-            elif ident == 0x09:
-                n = packet[at] << 8 | packet[at + 1]
-                correlation = bytes(packet[at + 2 : at + 2 + n])
-                at += 2 + n
-            elif ident == 0x0B:
-                _, at = _read_varint(packet, at)
-            elif ident == 0x26:
-                _, at = _property_text(packet, at)
-                _, at = _property_text(packet, at)
-            elif ident in _SKIPPED:
-                at += cast(int, _SKIPPED[ident])
-            else:
-                raise _Unread(f"property 0x{ident:02x} in a PUBLISH")
-        if at != end:
-            raise _Unread("properties overrun their length")
-    except (IndexError, UnicodeDecodeError) as exc:
-        raise _Unread(str(exc)) from None
-    message = Message(
-        topic, bytes(packet[end:]), bool(command & 0x01), content_type, response_topic, correlation
-    )
-    return message, qos, mid
-
-
-def _read_publishes_directly(paho: mqtt.Client, deliver: Callable[[Message], None]) -> None:
-    """Hand received QoS 0/1 PUBLISHes to ``deliver`` without paho's message objects.
-
-    Per instance (khod's clients only); paho still reads anything else, and
-    any PUBLISH :func:`read_publish` leaves to it.
-    """
-    packet = getattr(paho, "_in_packet", None)
-    if not (isinstance(packet, dict) and {"command", "packet"} <= packet.keys()):
-        return  # a paho this was not written for: it reads everything itself
-    original = paho._handle_publish
-
-    def handle_publish() -> MQTTErrorCode:
-        command, packet = paho._in_packet["command"], paho._in_packet["packet"]
-        if paho._protocol != mqtt.MQTTv5 or paho._manual_ack or (command & 0x06) > 0x02:
-            return original()
-        try:
-            message, qos, mid = read_publish(command, packet)
-        except _Unread:
-            return original()
-        deliver(message)
-        if qos == 1:
-            return paho._send_puback(mid)
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    paho._handle_publish = handle_publish  # type: ignore[method-assign]
-
-
-#: What every plain PUBACK says: shared, never changed (paho reads, never writes them).
-_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
-_PUBACK_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
-
-
-def _read_pubacks_directly(paho: mqtt.Client) -> None:
-    """Read a plain PUBACK (packet id only: success) without paho's objects.
-
-    paho builds two reason codes and two property sets for every PUBACK
-    (each copies paho's name tables): one PUBACK per reply and per state
-    the daemon publishes. A PUBACK with a reason code or properties (a
-    refusal, say) is read by paho as before.
-    """
-    if not isinstance(getattr(paho, "_in_packet", None), dict):
-        return  # a paho this was not written for: it reads everything itself
-    original = paho._handle_pubackcomp
-
-    def handle_pubackcomp(cmd: Any) -> MQTTErrorCode:
-        packet = paho._in_packet["packet"]
-        if cmd != "PUBACK" or len(packet) != 2 or paho._protocol != mqtt.MQTTv5:
-            return original(cmd)
-        mid = packet[0] << 8 | packet[1]
-        with paho._out_message_mutex:
-            if mid in paho._out_messages:
-                return paho._do_on_publish(mid, _PUBACK_SUCCESS, _PUBACK_NO_PROPERTIES)
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    paho._handle_pubackcomp = handle_pubackcomp  # type: ignore[method-assign]
-
-
 class Client(aiomqtt.Client):
     """aiomqtt's client with khod's types at its edges.
 
@@ -347,9 +81,9 @@ class Client(aiomqtt.Client):
         self._acks: dict[int, asyncio.Future[Reason]] = {}
         #: a write of what paho queued is scheduled for the next turn of the loop
         self._write_soon = False
-        _skip_idle_inflight_scans(self._client)
-        _read_publishes_directly(self._client, self._deliver)
-        _read_pubacks_directly(self._client)
+        _paho.skip_idle_inflight_scans(self._client)
+        _paho.read_publishes_directly(self._client, self._deliver)
+        _paho.read_pubacks_directly(self._client)
 
     @property
     def lost(self) -> asyncio.Future[None]:

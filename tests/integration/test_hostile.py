@@ -19,7 +19,7 @@ import pytest
 
 from bench.flood_rss import measure, memory_kib
 from khod_wire import fdt, identity
-from khod_wire._mqtt import properties
+from khod_wire._paho import properties
 from khod_wire.fragment import start_storage
 from khod_wire.protocol import JSON, MAX_CORRELATION_DATA, ControlOp, ParticipantOp, Topics
 from khod_wire.urls import BrokerURL

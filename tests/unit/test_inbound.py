@@ -6,7 +6,7 @@ import asyncio
 
 from paho.mqtt.client import MQTTMessage
 
-from khod_wire._mqtt import message_of, properties
+from khod_wire._paho import message_of, properties
 from khod_wire.inbound import MESSAGE_OVERHEAD, InboundQueue, message_size
 from khod_wire.message import Message
 

@@ -1,7 +1,8 @@
 """The import rules of the layers (issue 7), read from the source with ast.
 
-- aiomqtt and paho are imported by exactly one module, ``khod_wire._mqtt``:
-  everything else sees khod's own Message, Will and Reason;
+- aiomqtt is imported by exactly one module, ``khod_wire._mqtt``, and paho
+  by it and ``khod_wire._paho`` (the client layer): everything else sees
+  khod's own Message, Will and Reason;
 - ``khod_wire`` imports neither the daemon (``khod``) nor the SDK
   (``khod_client``), and the SDK does not import the daemon.
 
@@ -21,8 +22,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-MQTT = frozenset({"aiomqtt", "paho"})
 MQTT_MODULE = "khod_wire._mqtt"
+#: library -> the modules that may import it (the client layer)
+CLIENT_LAYER = {"aiomqtt": (MQTT_MODULE,), "paho": (MQTT_MODULE, "khod_wire._paho")}
 #: package -> top-level packages it must not import.
 FORBIDDEN = {
     "khod_wire": frozenset({"khod", "khod_client"}),
@@ -91,17 +93,21 @@ def violations(modules: Mapping[str, str], packages: frozenset[str] = frozenset(
         m for m in modules if any(o.startswith(m + ".") for o in modules)
     )
     found: list[str] = []
-    mqtt_users = []
+    users: dict[str, list[str]] = {lib: [] for lib in CLIENT_LAYER}
     for module, source in modules.items():
         top = module.split(".")[0]
         names = set(imports(module, source, is_package=module in packages))
-        if any(n.split(".")[0] in MQTT for n in names):
-            mqtt_users.append(module)
+        for lib, who in users.items():
+            if any(n.split(".")[0] == lib for n in names):
+                who.append(module)
         for name in sorted(names):
             if name.split(".")[0] in FORBIDDEN.get(top, ()):
                 found.append(f"{module} imports {name}")
-    if mqtt_users != [MQTT_MODULE]:
-        found.append(f"aiomqtt/paho imported by {mqtt_users}, expected [{MQTT_MODULE!r}] only")
+    for lib, allowed in CLIENT_LAYER.items():
+        # aiomqtt must be found where it belongs, or the walk proves nothing.
+        stray = [m for m in users[lib] if m not in allowed]
+        if stray or (lib == "aiomqtt" and users[lib] != list(allowed)):
+            found.append(f"aiomqtt/paho imported by {users[lib]}, expected {list(allowed)} ({lib})")
     return found
 
 
@@ -115,6 +121,7 @@ def test_the_tree_keeps_the_rules() -> None:
 GOOD = {
     "khod_wire": '"""wire"""',
     "khod_wire._mqtt": "import aiomqtt\nfrom paho.mqtt.properties import Properties",
+    "khod_wire._paho": "import paho.mqtt.client as mqtt",
     "khod_wire.transport": "from khod_wire import _mqtt\nfrom . import message",
     "khod_client": "from khod_wire.transport import Connection",
     "khod.service": "import khod_client\nfrom khod_wire import transport",
@@ -136,6 +143,8 @@ def test_the_rules_pass_a_layered_tree() -> None:
             "aiomqtt/paho imported by",
         ),
         ("khod_wire._mqtt", "import socket", "aiomqtt/paho imported by []"),
+        ("khod_wire._paho", "import aiomqtt", "aiomqtt/paho imported by"),
+        ("khod_wire._packets", "from paho.mqtt import client", "aiomqtt/paho imported by"),
         ("khod_wire.transport", "def f():\n    from khod.daemon import Daemon", "imports khod."),
         ("khod_wire.transport", "from khod_client import Participant", "imports khod_client"),
         (

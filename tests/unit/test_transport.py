@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from khod_wire._mqtt import PAHO_LOG, Client, reason
+from khod_wire._mqtt import PAHO_LOG, Client
+from khod_wire._paho import reason
 from khod_wire.errors import BrokerRefused, NotAuthorized
 from khod_wire.reasons import refusal
 from khod_wire.transport import Connection
@@ -126,7 +127,7 @@ def test_fast_publish_properties_pack_as_pahos_own(kw: dict[str, Any]) -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from khod_wire._mqtt import properties
+    from khod_wire._paho import properties
 
     slow = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     if "expiry" in kw:
@@ -146,7 +147,7 @@ def test_paho_searches_for_queued_publishes_only_when_one_may_be_queued() -> Non
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-    from khod_wire._mqtt import _skip_idle_inflight_scans
+    from khod_wire._paho import skip_idle_inflight_scans
 
     paho = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     scans: list[int] = []
@@ -156,7 +157,7 @@ def test_paho_searches_for_queued_publishes_only_when_one_may_be_queued() -> Non
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     paho._update_inflight = scan  # type: ignore[method-assign]
-    _skip_idle_inflight_scans(paho)
+    skip_idle_inflight_scans(paho)
     paho._out_messages = {1: mqtt.MQTTMessage(1), 2: mqtt.MQTTMessage(2)}
     paho._inflight_messages = 2  # both sent, waiting for their PUBACK: nothing queued
     assert paho._update_inflight() is MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -216,7 +217,8 @@ def test_the_publish_reader_reads_what_paho_reads(
     from paho.mqtt import _packet
     from paho.mqtt.properties import Properties
 
-    from khod_wire._mqtt import _Unread, message_of, read_publish
+    from khod_wire._packets import Unread, read_publish
+    from khod_wire._paho import message_of
 
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     for name, value in [
@@ -236,7 +238,7 @@ def test_the_publish_reader_reads_what_paho_reads(
     try:
         slow = _packet.decode_publish(command, bytearray(packet), mqtt.MQTTv5)
     except _packet.MalformedPacket:
-        with pytest.raises(_Unread):  # paho refuses it: so be it, paho reads it
+        with pytest.raises(Unread):  # paho refuses it: so be it, paho reads it
             read_publish(command, bytearray(packet))
         return
     m = mqtt.MQTTMessage(slow.mid, slow.topic)
@@ -261,9 +263,9 @@ def test_the_publish_reader_reads_what_paho_reads(
     ],
 )
 def test_what_the_publish_reader_does_not_expect_is_left_to_paho(packet: bytes) -> None:
-    from khod_wire._mqtt import _Unread, read_publish
+    from khod_wire._packets import Unread, read_publish
 
-    with pytest.raises(_Unread):
+    with pytest.raises(Unread):
         read_publish(0x30, packet)
 
 
@@ -282,12 +284,12 @@ def test_a_puback_is_read_as_paho_reads_it(packet: bytes) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from khod_wire._mqtt import _read_pubacks_directly, reason
+    from khod_wire._paho import read_pubacks_directly, reason
 
     def read(fast: bool) -> tuple[list[tuple[int, Any]], int]:
         paho = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         if fast:
-            _read_pubacks_directly(paho)
+            read_pubacks_directly(paho)
         seen: list[tuple[int, Any]] = []
         paho.on_publish = lambda c, u, mid, rc, props: seen.append((mid, reason(rc)))
         msg = mqtt.MQTTMessage(7)
