@@ -69,7 +69,7 @@ class Daemon:
         self.topics = Topics(settings.host_id)
         self.announce = Announcer(publisher, self.topics)
         self.host = Host(store, clock)
-        self.worker = Worker(self._flush, self._after)
+        self.worker = Worker(self._flush)
         self.persist = Persister(self.host, store)
         self.publisher = BatchPublisher(self.host, self.announce)
         self.commit = Committer(settings, self.host, self.persist, self.worker)
@@ -181,6 +181,12 @@ class Daemon:
             raise
         self.router.answered(batch)
         written = time.monotonic()
+        if batch.commit:
+            # The last frozen is durable: the payload goes first, and this
+            # batch's replies (the last one's is held) while its image is
+            # written in a thread.
+            self.commit.start()
+            await asyncio.sleep(0)
         sent = await self.publisher.send(batch)
         log.debug(
             "batch: %d replies, %d writes durable in %.1f ms, %d publishes queued in %.1f ms (%s)",
@@ -191,10 +197,6 @@ class Daemon:
             (time.monotonic() - written) * 1e3,
             self.host.out.handover.state,
         )
-
-    def _after(self, batch: Batch) -> None:
-        if batch.commit:
-            self.commit.start()
 
     # -- time and (re)connects -----------------------------------------------
 

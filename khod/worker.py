@@ -38,15 +38,9 @@ Op = Callable[[Batch], Awaitable[None] | None]
 
 
 class Worker:
-    def __init__(
-        self,
-        flush: Callable[[Batch], Awaitable[None]],
-        after: Callable[[Batch], None],
-    ) -> None:
+    def __init__(self, flush: Callable[[Batch], Awaitable[None]]) -> None:
         #: makes a batch durable and announces it
         self._flush = flush
-        #: what follows a flushed batch (the commit, say), once its waiters are told
-        self._after = after
         self._queue: deque[tuple[Op, asyncio.Future[None] | None]] = deque()
         self._wake = asyncio.Event()
 
@@ -89,4 +83,3 @@ class Worker:
                 for fut in batch.done:
                     if not fut.done():
                         fut.set_result(None)
-                self._after(batch)
