@@ -23,7 +23,6 @@ from khod_wire.errors import StoreError
 __all__ = [
     "atomic_write",
     "atomic_write_all",
-    "atomic_write_json",
     "fsync_directory",
     "json_bytes",
     "remove_stale_temps",
@@ -97,15 +96,6 @@ def json_bytes(obj: Any) -> bytes:
     except (TypeError, ValueError) as exc:
         raise StoreError(f"value is not JSON-serializable: {exc}") from exc
     return text.encode("utf-8")
-
-
-def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o644) -> None:
-    """Durably replace ``path`` with ``obj`` as JSON (sorted keys, indent 2, final newline)."""
-    try:
-        data = json_bytes(obj)
-    except StoreError as exc:
-        raise StoreError(f"cannot write {path}: {exc}") from None
-    atomic_write(path, data, mode=mode)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -58,8 +58,8 @@ def _link_values(entry: PayloadEntry) -> tuple[bytes, bytes, bytes]:
 # writer: it is the one FDT built inside the blackout, its shape is fixed
 # (one node per participant, the same six property names), and the writer's
 # per-call cost was most of the commit at N=1,000 (~25-50 ms). The bytes are
-# those libfdt writes, byte for byte (tests/unit/test_payload_layout.py
-# compares them), so libfdt, dtc and ``khod inspect`` read it alike.
+# those libfdt writes, byte for byte (tests/unit/test_payload.py compares
+# them), so libfdt, dtc and ``khod inspect`` read it alike.
 _BEGIN_NODE, _END_NODE, _PROP, _END = (struct.pack(">I", t) for t in (1, 2, 3, 9))
 _HEADER = struct.Struct(">10I")
 _PROP_HEAD = struct.Struct(">2I")  # value length, name offset
@@ -69,7 +69,9 @@ _RSVMAP = 40  # right after the header, 8-byte aligned
 _NAMES = ("compatible", "handover-id", "instance", "preserved-data", "blob-size", "sha256")
 
 
-def _strings(names: Sequence[str]) -> tuple[bytes, dict[str, int]]:
+def _strings(has_nodes: bool, ordered: bool) -> tuple[bytes, dict[str, int]]:
+    """The strings block of a root, and each name's offset in it."""
+    names = [*(_NAMES if has_nodes else _NAMES[:2]), *(("restore-after",) if ordered else ())]
     block = b"".join(n.encode() + b"\0" for n in reversed(names))
     offsets, at = {}, 0
     for n in reversed(names):
@@ -83,8 +85,7 @@ def _pad(n: int) -> bytes:
 
 
 #: name offsets in the strings block: without and with "restore-after"
-_OFFSETS = {ordered: _strings([*_NAMES, *(("restore-after",) if ordered else ())])[1]
-            for ordered in (False, True)}  # fmt: skip
+_OFFSETS = {ordered: _strings(True, ordered)[1] for ordered in (False, True)}
 
 
 def _prop(off: dict[str, int], name: str, value: bytes) -> bytes:
@@ -182,8 +183,7 @@ def _key(entry: PayloadEntry) -> tuple[Any, ...]:
 
 def _root(hid: bytes, nodes: Sequence[_Node], ordered: bool) -> tuple[bytearray, list[int]]:
     """The root FDT (preserved-data zero) and where each preserved-data value lies in it."""
-    names = [*(_NAMES if nodes else _NAMES[:2]), *(("restore-after",) if ordered else ())]
-    strings, off = _strings(names)
+    strings, off = _strings(bool(nodes), ordered)
     parts = [
         _BEGIN_NODE + bytes(4),
         _prop(off, "compatible", PAYLOAD_COMPATIBLE.encode() + b"\0"),

@@ -300,19 +300,17 @@ class Store:
 
     def _mutate(self, what: str, sql: str, params: tuple[Any, ...] = ()) -> None:
         with self._lock:
-            if self._depth > 0:
-                # Inside a transaction one statement needs no savepoint of its
-                # own: SQLite undoes a failed statement alone. A batch of N
-                # writes is then N statements, not 3N.
-                conn = self._live()
-                self._require_open_transaction(conn)
-                try:
-                    conn.execute(sql, params)
-                except sqlite3.Error as exc:
-                    raise StoreError(f"{self._db_path}: cannot {what}: {exc}") from exc
+            if self._depth == 0:
+                with self.transaction(), self._translating(what):
+                    self._live().execute(sql, params)
                 return
-            with self.transaction(), self._translating(what):
-                self._live().execute(sql, params)
+            # Inside a transaction one statement needs no savepoint of its
+            # own: SQLite undoes a failed statement alone. A batch of N
+            # writes is then N statements, not 3N.
+            conn = self._live()
+            self._require_open_transaction(conn)
+            with self._translating(what):
+                conn.execute(sql, params)
 
     def _save_singleton(self, kind: str, record: Mapping[str, Any]) -> None:
         body = _encode(record, f"{kind} record")

@@ -128,8 +128,8 @@ class Khod:
 
     def text(self) -> str:
         # The log lives on the host over 9p; a read racing khod's own append
-        # has failed with ENODATA (seen once in CI, after the second kexec).
-        # The next read sees the file whole, so a failed read is retried.
+        # failed once in CI with ENODATA (after the second kexec, khod itself
+        # fine). Not reproduced since: such a read is tried again for 5 s.
         for _ in range(25):
             try:
                 return self.log.read_text(errors="replace")
