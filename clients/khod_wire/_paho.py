@@ -138,14 +138,19 @@ def skip_idle_inflight_scans(paho: mqtt.Client) -> None:
     paho._update_inflight = update_inflight  # type: ignore[method-assign]
 
 
+def _hookable(paho: mqtt.Client) -> bool:
+    """Whether paho keeps the packet being read where these hooks look for it."""
+    packet = getattr(paho, "_in_packet", None)
+    return isinstance(packet, dict) and {"command", "packet"} <= packet.keys()
+
+
 def read_publishes_directly(paho: mqtt.Client, deliver: Callable[[Message], None]) -> None:
     """Hand received QoS 0/1 PUBLISHes to ``deliver`` without paho's message objects.
 
     Per instance (khod's clients only); paho still reads anything else, and
     any PUBLISH :func:`read_publish` leaves to it.
     """
-    packet = getattr(paho, "_in_packet", None)
-    if not (isinstance(packet, dict) and {"command", "packet"} <= packet.keys()):
+    if not _hookable(paho):
         return  # a paho this was not written for: it reads everything itself
     original = paho._handle_publish
 
@@ -178,7 +183,7 @@ def read_pubacks_directly(paho: mqtt.Client) -> None:
     the daemon publishes. A PUBACK with a reason code or properties (a
     refusal, say) is read by paho as before.
     """
-    if not isinstance(getattr(paho, "_in_packet", None), dict):
+    if not _hookable(paho):
         return  # a paho this was not written for: it reads everything itself
     original = paho._handle_pubackcomp
 
