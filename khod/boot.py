@@ -19,7 +19,7 @@ from khod.restore import Claim, Incoming
 from khod.store import Store
 from khod.worker import Batch
 from khod_wire.errors import ConfigError, PayloadError
-from khod_wire.protocol import HandoverState
+from khod_wire.protocol import COMMITTING_STATES, HandoverState
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,6 @@ def resume(host: Host, persist: Persister, batch: Batch) -> None:
     # A handover whose deadline passed while the daemon was down aborts.
     persist.stage(batch, host.out.check_deadline(now=host.now()))
     state = host.out.handover.state
-    if state in (HandoverState.FROZEN, HandoverState.ASSEMBLED):
+    if state in COMMITTING_STATES:
         log.info("resuming handover %s from %s", host.out.handover.id, state)
         batch.commit = True

@@ -24,7 +24,7 @@ from khod.persist import Persister
 from khod.replies import ok, refused
 from khod.worker import Batch, Worker
 from khod_wire.errors import KhodError
-from khod_wire.protocol import JSON, AbortRequest, ControlOp, HandoverState
+from khod_wire.protocol import COMMITTING_STATES, JSON, AbortRequest, ControlOp, HandoverState
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Committer:
 
     def start(self) -> None:
         h = self.host.out.handover
-        if h.state not in (HandoverState.FROZEN, HandoverState.ASSEMBLED) or self.running():
+        if h.state not in COMMITTING_STATES or self.running():
             return
         self._task = asyncio.create_task(self._assemble_and_commit(h.id), name="commit")
 
@@ -111,10 +111,7 @@ class Committer:
             return
 
         def committed(batch: Batch) -> None:
-            if (
-                h.state not in (HandoverState.FROZEN, HandoverState.ASSEMBLED)
-                or h.id != handover_id
-            ):
+            if h.state not in COMMITTING_STATES or h.id != handover_id:
                 # Aborted while the image was being written: it must not stay.
                 backend.withdraw(self.settings.payload_path)
                 return
@@ -149,7 +146,7 @@ class Committer:
     async def _abort_for(self, handover_id: str | None, reason: str) -> None:
         def abort(batch: Batch) -> None:
             h = self.host.out.handover
-            if h.id == handover_id and h.state in (HandoverState.FROZEN, HandoverState.ASSEMBLED):
+            if h.id == handover_id and h.state in COMMITTING_STATES:
                 self.persist.stage(batch, self.host.out.abort(reason, now=self.host.now()))
 
         await self.worker.call(abort)

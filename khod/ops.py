@@ -28,7 +28,9 @@ from khod.worker import Batch
 from khod_wire.errors import Busy, FragmentTooLarge
 from khod_wire.fragment import validate_fragment
 from khod_wire.protocol import (
+    COMMITTING_STATES,
     JSON,
+    PAST_FREEZE_STATES,
     AbortRequest,
     BeginRequest,
     EmptyRequest,
@@ -135,7 +137,7 @@ class Ops:
             p is not None
             and p.state is ParticipantState.FROZEN
             and out.is_member(name)
-            and h.state in (HandoverState.FROZEN, HandoverState.ASSEMBLED, HandoverState.COMMITTED)
+            and h.state in PAST_FREEZE_STATES
         ):
             # Said again (a retry across a restart of the daemon): the same outcome.
             asked.hold = h.state is not HandoverState.COMMITTED
@@ -152,10 +154,7 @@ class Ops:
         self._after_commit.append((topic, correlation, key, name))
 
     def release_held_replies(self, batch: Batch) -> None:
-        if not self._after_commit or self.host.out.handover.state in (
-            HandoverState.FROZEN,
-            HandoverState.ASSEMBLED,
-        ):
+        if not self._after_commit or self.host.out.handover.state in COMMITTING_STATES:
             return
         for topic, correlation, key, name in self._after_commit:
             body = ok(ParticipantOp.FROZEN, self._both(name))

@@ -115,11 +115,13 @@ RUNNING_STATES = frozenset({_H.PREPARING, _H.FREEZING, _H.FROZEN, _H.ASSEMBLED})
 BEGUN_STATES = frozenset({_H.PREPARING, _H.FREEZING})
 #: Handover states of the blackout (freeze signal to commit).
 BLACKOUT_STATES = RUNNING_STATES - {_H.PREPARING}
+#: Handover states in which the daemon assembles and commits the payload.
+COMMITTING_STATES = frozenset({_H.FROZEN, _H.ASSEMBLED})
 #: Outgoing states the ``handover`` broadcast does not announce: nobody has
-#: anything to do in them; ``progress`` shows them.
-QUIET_STATES = frozenset({_H.FROZEN, _H.ASSEMBLED})
+#: anything to do while the daemon commits; ``progress`` shows them.
+QUIET_STATES = COMMITTING_STATES
 #: Handover states in which every participant of the handover has frozen.
-PAST_FREEZE_STATES = frozenset({_H.FROZEN, _H.ASSEMBLED, _H.COMMITTED})
+PAST_FREEZE_STATES = COMMITTING_STATES | {_H.COMMITTED}
 #: Handover states that end a handover without a payload.
 ENDED_STATES = frozenset(HandoverState) - RUNNING_STATES - {_H.COMMITTED}
 #: A participant's own states while it takes part in a handover.
