@@ -33,6 +33,19 @@ def check_summary(s: dict[str, Any], what: str) -> None:
     assert s["p50"] <= s["p99"], what
 
 
+def run_bench(script: Path, out: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """Run a benchmark to completion; what it printed, and the JSON it wrote to ``out``."""
+    proc = subprocess.run(
+        [sys.executable, str(script), *args, "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
 def test_private_broker_listens_on_unix_and_tcp() -> None:
     with PrivateBroker(unix_and_tcp=True) as b:
         assert b.url == b.unix_url
@@ -45,17 +58,8 @@ def test_private_broker_listens_on_unix_and_tcp() -> None:
 
 
 def test_bench_quick(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json", str(out), "--workdir", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "target" in proc.stdout
-    res = json.loads(out.read_text())
+    printed, res = run_bench(BENCH, tmp_path / "bench.json", "--quick", "--workdir", str(tmp_path))
+    assert "target" in printed
 
     for key in ("date", "machine", "load", "config", "blackout", "requests", "rss", "targets"):
         assert key in res, key
@@ -98,17 +102,8 @@ def test_bench_quick(tmp_path: Path) -> None:
 
 
 def test_bench_with_the_freeze_at_the_last_fragment(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
     args = ["--sizes", "5", "--rounds", "1", "--requests", "0", "--rss-participants", "0"]
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), *args, "--auto-freeze", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(out.read_text())
+    _, res = run_bench(BENCH, tmp_path / "bench.json", *args, "--auto-freeze")
     assert res["config"]["auto_freeze"] is True
     for size, f in res["blackout"][0]["fragments"].items():
         assert f["error"] is None, f["error"]
@@ -116,21 +111,9 @@ def test_bench_with_the_freeze_at_the_last_fragment(tmp_path: Path) -> None:
 
 
 def test_bench_publish_runs_and_writes_every_figure(tmp_path: Path) -> None:
-    out = tmp_path / "publish.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "bench_publish.py"),
-            *("--count", "500", "--rounds", "1", "--json", str(out)),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "khod seq" in proc.stdout
-    res = json.loads(out.read_text())
+    script = ROOT / "bench" / "bench_publish.py"
+    printed, res = run_bench(script, tmp_path / "publish.json", "--count", "500", "--rounds", "1")
+    assert "khod seq" in printed
     assert res["machine"]["cpus"]
     for transport in ("tcp", "unix"):
         for kind in ("khod seq", "bare seq", "khod batch", "bare batch"):
